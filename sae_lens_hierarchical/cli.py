@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_demo(args: argparse.Namespace) -> None:
     output_dir: Path = args.output_dir
     if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite:
-        raise SystemExit(f"error: {output_dir} exists and is not empty; pass --overwrite or choose another --output-dir")
+        raise SystemExit(f"error: {output_dir} exists and is not empty; pass --overwrite or another --output-dir")
     started = time.perf_counter()
     torch.manual_seed(args.seed)  # SAELens does not seed torch from cfg.seed
     model = presets.tiny_random_model(seed=args.seed)
@@ -68,9 +68,7 @@ def run_demo(args: argparse.Namespace) -> None:
         )
         LanguageModelSAETrainingRunner(cfg, override_model=model, override_dataset=train_tokens).run()
         sae = load_sae(sae_dir)
-        activations = presets.collect_activations(
-            model, torch.tensor(held_out["input_ids"]), presets.TINY_HOOK_NAME
-        )
+        activations = presets.collect_activations(model, torch.tensor(held_out["input_ids"]), presets.TINY_HOOK_NAME)
         results = evaluate_over_k(sae, activations)  # type: ignore[arg-type]
         table = format_markdown_table(results)
         (scratch / "per_k.md").write_text(table + "\n")
@@ -91,5 +89,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name, value in OFFLINE_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
     args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        run_demo(args)
+    try:
+        if args.command == "demo":
+            run_demo(args)
+    except (ValueError, FileNotFoundError) as error:  # bad settings: one clear line, no traceback
+        raise SystemExit(f"error: {error}") from error

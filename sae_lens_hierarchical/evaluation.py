@@ -53,9 +53,7 @@ def evaluate_over_k(
     max_k = sae.cfg.k
     ks = sorted({validate_k(k, max_k) for k in (ks or default_budgets(max_k))})
     if activations.ndim != 2 or activations.shape[-1] != sae.cfg.d_in:
-        raise ValueError(
-            f"activations must be [tokens, d_in={sae.cfg.d_in}]; got shape {tuple(activations.shape)}"
-        )
+        raise ValueError(f"activations must be [tokens, d_in={sae.cfg.d_in}]; got shape {tuple(activations.shape)}")
     if sae.cfg.normalize_activations in ("layer_norm", "constant_norm_rescale"):
         raise ValueError(
             f"evaluate_over_k does not support normalize_activations={sae.cfg.normalize_activations!r} "

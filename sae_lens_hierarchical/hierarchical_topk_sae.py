@@ -12,10 +12,11 @@ and SAE, and the training config and SAE. The loss math lives in :mod:`sae_lens_
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 from sae_lens.saes.sae import SAEMetadata, TrainStepInput, TrainStepOutput
@@ -46,9 +47,7 @@ def _is_int(value: object) -> bool:
 def validate_k(k: object, max_k: int) -> int:
     """Return ``k`` if it is a valid inference budget for an SAE trained with ``K = max_k``."""
     if not _is_int(k) or not 1 <= k <= max_k:  # type: ignore[operator]
-        raise ValueError(
-            f"k must be an int in 1..K={max_k} (the largest budget this SAE was trained for); got k={k!r}"
-        )
+        raise ValueError(f"k must be an int in 1..K={max_k} (the largest budget this SAE was trained for); got k={k!r}")
     return k  # type: ignore[return-value]
 
 
@@ -67,7 +66,7 @@ def resolve_levels(k: int, hierarchy_levels: list[int] | None) -> list[int]:
     for level in levels:
         if not _is_int(level) or not 1 <= level <= k:
             raise ValueError(f"hierarchy_levels entries must be ints in 1..K={k}; got {level!r} in {levels}")
-    if any(b <= a for a, b in zip(levels, levels[1:])):
+    if any(b <= a for a, b in itertools.pairwise(levels)):
         raise ValueError(f"hierarchy_levels must be strictly increasing (sorted, no duplicates); got {levels}")
     if levels[-1] != k:
         # Latents ranked past the last level would be selected at inference but never trained.
@@ -354,8 +353,7 @@ class HierarchicalTopKTrainingSAE(_VariableKMixin[HierarchicalTopKTrainingSAECon
         )
         losses = {"mse_loss": result.loss, **aux_losses}
         metrics: dict[str, Any] = {
-            f"mse_at_k_{self.levels[position]}": result.level_mse[position]
-            for position in self._logged_level_positions
+            f"mse_at_k_{self.levels[position]}": result.level_mse[position] for position in self._logged_level_positions
         }
         return TrainStepOutput(
             sae_in=sae_in,

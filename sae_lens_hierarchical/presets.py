@@ -80,9 +80,12 @@ def tiny_token_dataset(n_sequences: int, context_size: int, seed: int = 0, vocab
     n_special = len(_SPECIAL_TOKENS)
     ranks = torch.arange(1, vocab_size - n_special + 1, dtype=torch.float64)
     probabilities = 1.0 / ranks
-    tokens = torch.multinomial(
-        probabilities, n_sequences * (context_size - 1), replacement=True, generator=generator
-    ).reshape(n_sequences, context_size - 1) + n_special
+    tokens = (
+        torch.multinomial(
+            probabilities, n_sequences * (context_size - 1), replacement=True, generator=generator
+        ).reshape(n_sequences, context_size - 1)
+        + n_special
+    )
     bos = torch.zeros(n_sequences, 1, dtype=torch.long)
     return Dataset.from_dict({"input_ids": torch.cat([bos, tokens], dim=1).tolist()})
 
@@ -93,6 +96,7 @@ def tiny_runner_config(
     d_sae: int = 128,
     k: int = 16,
     hierarchy_levels: list[int] | None = None,
+    hierarchy_weights: list[float] | None = None,
     seed: int = 0,
     **runner_overrides: Any,
 ) -> LanguageModelSAERunnerConfig[HierarchicalTopKTrainingSAEConfig]:
@@ -123,7 +127,7 @@ def tiny_runner_config(
     settings.update(runner_overrides)
     return LanguageModelSAERunnerConfig(
         sae=HierarchicalTopKTrainingSAEConfig(
-            d_in=32, d_sae=d_sae, k=k, hierarchy_levels=hierarchy_levels
+            d_in=32, d_sae=d_sae, k=k, hierarchy_levels=hierarchy_levels, hierarchy_weights=hierarchy_weights
         ),
         **settings,
     )

@@ -1,0 +1,285 @@
+"""The hierarchical_topk architecture: validation, registration, variable k, TopK equivalence, folding."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from sae_lens import SAE, TrainingSAE
+from sae_lens.registry import get_sae_class, get_sae_training_class
+from sae_lens.saes.sae import TrainStepInput
+from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+from sae_lens_hierarchical import (
+    HierarchicalTopKSAE,
+    HierarchicalTopKSAEConfig,
+    HierarchicalTopKTrainingSAE,
+    HierarchicalTopKTrainingSAEConfig,
+)
+from tests.test_losses import naive_per_level_loss
+
+
+def make_training_sae(seed: int = 0, **overrides) -> HierarchicalTopKTrainingSAE:
+    torch.manual_seed(seed)
+    settings = {"d_in": 12, "d_sae": 48, "k": 8, **overrides}
+    sae = HierarchicalTopKTrainingSAE(HierarchicalTopKTrainingSAEConfig(**settings))
+    with torch.no_grad():  # non-trivial biases and decoder norms, so folding and b_dec matter
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.5)
+        sae.W_dec.mul_(torch.rand(sae.cfg.d_sae, 1) * 3 + 0.2)
+    return sae
+
+
+def step_input(sae_in: torch.Tensor, dead: torch.Tensor | None = None) -> TrainStepInput:
+    return TrainStepInput(
+        sae_in=sae_in, coefficients={}, dead_neuron_mask=dead, n_training_steps=0, is_logging_step=False
+    )
+
+
+# --- validation -------------------------------------------------------------------------------------
+
+BAD_TRAINING_CONFIGS = [
+    ({"k": 0}, r"k \(K, the largest budget\) must be an int in 1..d_sae=48; got k=0"),
+    ({"k": 49}, r"1..d_sae=48; got k=49"),
+    ({"k": 4.0}, r"got k=4.0"),
+    ({"k": True}, r"got k=True"),
+    ({"hierarchy_levels": [0, 8]}, r"entries must be ints in 1..K=8; got 0"),
+    ({"hierarchy_levels": [2, 9]}, r"entries must be ints in 1..K=8; got 9"),
+    ({"hierarchy_levels": [4, 2, 8]}, r"strictly increasing .* got \[4, 2, 8\]"),
+    ({"hierarchy_levels": [2, 2, 8]}, r"strictly increasing .* got \[2, 2, 8\]"),
+    ({"hierarchy_levels": [2, 4]}, r"must end at K=8"),
+    ({"hierarchy_levels": []}, r"must be non-empty"),
+    ({"hierarchy_levels": [1.5, 8]}, r"entries must be ints"),
+    ({"hierarchy_levels": [2, 8], "hierarchy_weights": [1.0]}, r"one weight per level \(2 levels"),
+    ({"hierarchy_weights": [1.0] * 7}, r"one weight per level \(8 levels"),
+    ({"hierarchy_levels": [2, 8], "hierarchy_weights": [1.0, -0.5]}, r"finite numbers >= 0; got -0.5"),
+    ({"hierarchy_levels": [2, 8], "hierarchy_weights": [1.0, float("nan")]}, r"finite numbers >= 0; got nan"),
+    ({"hierarchy_levels": [2, 8], "hierarchy_weights": [0.0, 0.0]}, r"must not all be zero"),
+    ({"use_sparse_activations": True}, r"use_sparse_activations=True is not supported"),
+    ({"normalize_activations": "layer_norm"}, r"normalize_activations='layer_norm' is not supported"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD_TRAINING_CONFIGS)
+def test_bad_training_config_raises_clear_error(overrides, message) -> None:
+    settings = {"d_in": 12, "d_sae": 48, "k": 8, **overrides}
+    with pytest.raises(ValueError, match=message):
+        HierarchicalTopKTrainingSAEConfig(**settings)
+
+
+@pytest.mark.parametrize("k", [0, 49, -1, 2.0])
+def test_bad_inference_config_raises_clear_error(k) -> None:
+    with pytest.raises(ValueError, match=rf"1..d_sae=48; got k={k!r}"):
+        HierarchicalTopKSAEConfig(d_in=12, d_sae=48, k=k)
+
+
+@pytest.mark.parametrize("bad_k", [0, 9, -3, 2.5, "4", True])
+def test_bad_inference_budget_raises_and_keeps_k(bad_k) -> None:
+    sae = make_inference_sae()
+    x = torch.randn(3, 12)
+    message = rf"k must be an int in 1..K=8 .*got k={bad_k!r}"
+    with pytest.raises(ValueError, match=message):
+        sae.set_k(bad_k)
+    with pytest.raises(ValueError, match=message):
+        sae.encode(x, k=bad_k)
+    with pytest.raises(ValueError, match=message), sae.use_k(bad_k):
+        pass
+    assert sae.k == 8
+
+
+def test_config_normalises_levels_and_weights_and_records_them() -> None:
+    cfg = HierarchicalTopKTrainingSAEConfig(
+        d_in=4, d_sae=16, k=8, hierarchy_levels=(2, 8), hierarchy_weights=[1, 0.125]
+    )
+    assert cfg.levels == [2, 8]
+    assert cfg.level_weights == [1.0, 0.125]
+    details = cfg.to_dict()["metadata"]["training_architecture_details"]
+    assert details["hierarchy_levels"] == [2, 8]
+    assert details["hierarchy_weights"] == [1.0, 0.125]
+    default = HierarchicalTopKTrainingSAEConfig(d_in=4, d_sae=16, k=4)
+    assert default.levels == [1, 2, 3, 4]
+    assert default.level_weights == [0.25] * 4
+
+
+# --- registration -----------------------------------------------------------------------------------
+
+
+def test_registered_under_architecture_name() -> None:
+    assert get_sae_class("hierarchical_topk") == (HierarchicalTopKSAE, HierarchicalTopKSAEConfig)
+    assert get_sae_training_class("hierarchical_topk") == (
+        HierarchicalTopKTrainingSAE,
+        HierarchicalTopKTrainingSAEConfig,
+    )
+    sae = TrainingSAE.from_dict({"architecture": "hierarchical_topk", "d_in": 4, "d_sae": 16, "k": 4})
+    assert isinstance(sae, HierarchicalTopKTrainingSAE)
+
+
+def test_import_twice_and_reload_do_not_raise() -> None:
+    script = textwrap.dedent(
+        """
+        import importlib
+        import sae_lens_hierarchical
+        import sae_lens_hierarchical as again
+        importlib.reload(sae_lens_hierarchical)
+        importlib.reload(sae_lens_hierarchical.hierarchical_topk_sae)
+        importlib.reload(sae_lens_hierarchical)
+        from sae_lens.registry import get_sae_class
+        cls, _ = get_sae_class("hierarchical_topk")
+        assert cls is sae_lens_hierarchical.HierarchicalTopKSAE, cls
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+# --- the training loss inside the SAE ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize(("levels", "weights"), [(None, None), ([1, 3, 8], [0.5, 0.25, 0.25])])
+def test_training_loss_equals_naive_loop_on_independently_sorted_latents(rescale, levels, weights) -> None:
+    sae = make_training_sae(rescale_acts_by_decoder_norm=rescale, hierarchy_levels=levels, hierarchy_weights=weights)
+    x = torch.randn(2, 10, 12) * 2
+    output = sae.training_forward_pass(step_input(x))
+
+    with torch.no_grad():
+        W_dec = sae.W_dec.double()
+        norms = W_dec.norm(dim=-1)
+        hidden_pre = (x.double() - sae.b_dec.double()) @ sae.W_enc.double() + sae.b_enc.double()
+        scores = hidden_pre * norms if rescale else hidden_pre
+        order = scores.argsort(dim=-1, descending=True)[..., :8]
+        acts = scores.gather(-1, order).relu()
+        coefficients = acts / norms[order] if rescale else acts
+        expected, _ = naive_per_level_loss(
+            x.double(), coefficients, order, W_dec, sae.b_dec.double(), sae.cfg.levels, sae.cfg.level_weights
+        )
+    torch.testing.assert_close(output.losses["mse_loss"].double(), expected, rtol=1e-5, atol=1e-6)
+    assert output.feature_acts.shape == (2, 10, 48)
+    assert ((output.feature_acts != 0).sum(-1) <= 8).all()
+    logged = {name for name in output.metrics if name.startswith("mse_at_k_")}
+    assert logged == (
+        {"mse_at_k_1", "mse_at_k_2", "mse_at_k_4", "mse_at_k_8"}
+        if levels is None
+        else {"mse_at_k_1", "mse_at_k_3", "mse_at_k_8"}
+    )
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize("with_dead_latents", [False, True])
+def test_single_level_k_equals_sae_lens_topk_loss(rescale, with_dead_latents) -> None:
+    ours = make_training_sae(seed=1, rescale_acts_by_decoder_norm=rescale, hierarchy_levels=[8])
+    topk = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=12, d_sae=48, k=8, rescale_acts_by_decoder_norm=rescale))
+    topk.load_state_dict(ours.state_dict())
+    x = torch.randn(64, 12) * 2
+    dead = (torch.arange(48) % 3 == 0) if with_dead_latents else None
+    ours_out = ours.training_forward_pass(step_input(x, dead))
+    topk_out = topk.training_forward_pass(step_input(x, dead))
+    assert set(ours_out.losses) == set(topk_out.losses)
+    for name in topk_out.losses:
+        torch.testing.assert_close(ours_out.losses[name], topk_out.losses[name], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours_out.loss, topk_out.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours_out.sae_out, topk_out.sae_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours_out.feature_acts, topk_out.feature_acts)
+    ours_out.loss.backward()
+    topk_out.loss.backward()
+    for name, parameter in topk.named_parameters():
+        torch.testing.assert_close(dict(ours.named_parameters())[name].grad, parameter.grad, rtol=1e-4, atol=1e-6)
+
+
+# --- variable k at inference ------------------------------------------------------------------------
+
+
+def make_inference_sae(seed: int = 0, rescale: bool = True) -> HierarchicalTopKSAE:
+    training = make_training_sae(seed=seed, rescale_acts_by_decoder_norm=rescale)
+    inference = HierarchicalTopKSAE(
+        HierarchicalTopKSAEConfig(d_in=12, d_sae=48, k=8, rescale_acts_by_decoder_norm=rescale)
+    )
+    inference.load_state_dict(training.state_dict())
+    return inference
+
+
+def test_budget_k_is_the_first_k_of_the_top_k() -> None:
+    sae = make_inference_sae()
+    x = torch.randn(5, 7, 12)
+    full = sae.encode(x)
+    top_acts, top_indices = sae.encode_top_k(x)
+    assert (top_acts[..., :-1] >= top_acts[..., 1:]).all(), "ranking must be sorted descending"
+    for k in range(1, 9):
+        acts = sae.encode(x, k=k)
+        active = acts != 0
+        assert (active.sum(-1) == k).all()
+        # same latents, same values as the first k of the ranking
+        assert torch.equal(acts.gather(-1, top_indices[..., :k]), top_acts[..., :k])
+        assert torch.equal(acts[active], full[active])
+        if k > 1:
+            assert (active <= (sae.encode(x, k=k - 1) != 0) | active).all()
+            assert ((sae.encode(x, k=k - 1) != 0) <= active).all(), "budgets must be nested"
+
+
+def test_decode_at_k_is_the_level_k_prefix_reconstruction() -> None:
+    sae = make_inference_sae()
+    x = torch.randn(40, 12)
+    top_acts, top_indices = sae.encode_top_k(x)
+    coefficients = sae.decoder_coefficients(top_acts, top_indices).double()
+    for k in (1, 3, 8):
+        expected = sae.b_dec.double() + sum(
+            coefficients[:, i : i + 1] * sae.W_dec.double()[top_indices[:, i]] for i in range(k)
+        )
+        with sae.use_k(k):
+            torch.testing.assert_close(sae(x).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_set_k_and_use_k_restore_previous_budget_even_on_error() -> None:
+    sae = make_inference_sae()
+    assert sae.k == 8
+    sae.set_k(3)
+    assert sae.k == 3
+    with sae.use_k(5):
+        assert sae.k == 5
+        assert ((sae.encode(torch.randn(4, 12)) != 0).sum(-1) == 5).all()
+    assert sae.k == 3
+    with pytest.raises(RuntimeError, match="boom"), sae.use_k(1):
+        raise RuntimeError("boom")
+    assert sae.k == 3
+    sae.k = 8
+    assert sae.k == 8
+
+
+# --- saving -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+def test_save_inference_keeps_every_prefix_reconstruction(tmp_path: Path, rescale: bool) -> None:
+    training = make_training_sae(seed=2, rescale_acts_by_decoder_norm=rescale, hierarchy_levels=[2, 5, 8])
+    x = torch.randn(50, 12) * 2
+    training.save_inference_model(tmp_path)
+    loaded = SAE.load_from_disk(tmp_path)
+    assert isinstance(loaded, HierarchicalTopKSAE)
+    assert loaded.cfg.architecture() == "hierarchical_topk"
+    assert loaded.cfg.k == 8
+    if rescale:  # norms were folded on save
+        torch.testing.assert_close(loaded.W_dec.norm(dim=-1), torch.ones(48), rtol=1e-5, atol=1e-5)
+    for k in range(1, 9):
+        with training.use_k(k), loaded.use_k(k):
+            torch.testing.assert_close(loaded(x), training(x), rtol=1e-4, atol=1e-5)
+            assert torch.equal(loaded.encode(x) != 0, training.encode(x) != 0)
+
+
+def test_training_load_from_disk_keeps_training_only_fields(tmp_path: Path) -> None:
+    training = make_training_sae(
+        hierarchy_levels=[2, 4, 8], hierarchy_weights=[1.0, 0.5, 0.25], aux_loss_coefficient=0.5
+    )
+    training.save_inference_model(tmp_path / "inference")
+    training.save_model(tmp_path / "checkpoint")
+    for directory in ("inference", "checkpoint"):
+        reloaded = TrainingSAE.load_from_disk(tmp_path / directory)
+        assert isinstance(reloaded, HierarchicalTopKTrainingSAE)
+        assert reloaded.cfg.hierarchy_levels == [2, 4, 8]
+        assert reloaded.cfg.hierarchy_weights == [1.0, 0.5, 0.25]
+        assert reloaded.cfg.aux_loss_coefficient == 0.5
