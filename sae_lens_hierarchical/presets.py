@@ -18,6 +18,7 @@ from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from sae_lens_hierarchical.activation_cache import hook_activations
 from sae_lens_hierarchical.hierarchical_topk_sae import HierarchicalTopKTrainingSAEConfig
 
 TINY_MODEL_NAME = "tiny-random"
@@ -133,7 +134,6 @@ def tiny_runner_config(
     )
 
 
-@torch.no_grad()
 def collect_activations(
     model: HookedTransformer,
     token_sequences: torch.Tensor,
@@ -143,23 +143,10 @@ def collect_activations(
 ) -> torch.Tensor:
     """``[tokens, d_model]`` activations at ``hook_name`` for ``[sequences, context]`` token ids.
 
-    The forward pass stops after the hooked block (the unembedding is the expensive part of a real LM),
-    and BOS positions are dropped: their residual norms are orders of magnitude larger than text tokens'.
+    BOS positions are dropped by default: their residual norms are orders of magnitude larger than text
+    tokens', and SAEs are neither trained nor evaluated on them.
     """
-    layer = _hook_layer(hook_name)
-    chunks = []
-    for start in range(0, token_sequences.shape[0], batch_size):
-        tokens = token_sequences[start : start + batch_size].to(model.cfg.device)
-        _, cache = model.run_with_cache(tokens, names_filter=hook_name, stop_at_layer=layer + 1)
-        acts = cache[hook_name]
-        if drop_bos:
-            acts = acts[:, 1:]
-        chunks.append(acts.reshape(-1, acts.shape[-1]).cpu())
-    return torch.cat(chunks)
-
-
-def _hook_layer(hook_name: str) -> int:
-    parts = hook_name.split(".")
-    if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit():
-        raise ValueError(f"hook_name must look like 'blocks.<layer>.<hook>'; got {hook_name!r}")
-    return int(parts[1])
+    acts = hook_activations(model, token_sequences, hook_name, batch_size)
+    if drop_bos:
+        acts = acts[:, 1:]
+    return acts.reshape(-1, acts.shape[-1])
