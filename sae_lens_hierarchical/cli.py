@@ -1,29 +1,35 @@
-"""Command-line interface (thin: argument parsing, then library calls).
+"""Command-line interface: argument parsing on top of :mod:`sae_lens_hierarchical.pipeline`.
 
-``sae-lens-hierarchical demo`` trains a HierarchicalTopK SAE with SAELens's runner on a tiny random
-model (offline, about a minute on 2 CPU cores), reloads it from disk and prints its quality at every
-budget k.
+sae-lens-hierarchical train                      # the embedded default: Gemma-3-270M on Wikipedia, offline
+sae-lens-hierarchical train --preset tiny-random --set sae.k=8 --set lr=1e-3
+sae-lens-hierarchical train --config runner_cfg.json   # any SAELens runner config (architecture in it)
+sae-lens-hierarchical cache --preset gemma-3-270m      # only cache activations
+sae-lens-hierarchical evaluate results/gemma-3-270m/sae --ks 1,4,16,64
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-import torch
-from sae_lens import LanguageModelSAETrainingRunner
+from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
 
-from sae_lens_hierarchical import presets
-from sae_lens_hierarchical.evaluation import evaluate_over_k, format_markdown_table, plot_over_k
+from sae_lens_hierarchical.evaluation import evaluate_over_k, format_markdown_table
+from sae_lens_hierarchical.hierarchical_topk_sae import HierarchicalTopKSAE
 from sae_lens_hierarchical.loading import load_sae
+from sae_lens_hierarchical.pipeline import (
+    DEFAULT_CACHE_ROOT,
+    apply_overrides,
+    prepare_embedded_activations,
+    run_training_job,
+    write_report,
+)
+from sae_lens_hierarchical.presets import PRESETS, Preset, get_preset
 
-OFFLINE_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+DEFAULT_PRESET = "gemma-3-270m"
 
 
 def _positive_int(text: str) -> int:
@@ -33,64 +39,151 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _budgets(text: str) -> list[int]:
+    return [_positive_int(part) for part in text.split(",") if part]
+
+
+def _override(text: str) -> tuple[str, Any]:
+    """``name=value``; the value is read as JSON when it parses (numbers, lists, true/false), else as text."""
+    name, separator, raw = text.partition("=")
+    if not separator or not name:
+        raise argparse.ArgumentTypeError(f"expected name=value (e.g. sae.k=32 or lr=1e-3); got {text!r}")
+    try:
+        return name, json.loads(raw)
+    except json.JSONDecodeError:
+        return name, raw
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sae-lens-hierarchical", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="sae-lens-hierarchical", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="train + per-k evaluation on a tiny random model (offline)")
-    demo.add_argument("--output-dir", type=Path, default=Path("results/demo"), help="where results go")
-    demo.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    demo.add_argument("--training-tokens", type=_positive_int, default=200_000)
-    demo.add_argument("--d-sae", type=_positive_int, default=256)
-    demo.add_argument("--k", type=_positive_int, default=16, help="K, the largest budget trained")
-    demo.add_argument("--seed", type=int, default=0)
+    preset_help = f"one of {sorted(PRESETS)} (default {DEFAULT_PRESET})"
+
+    train = commands.add_parser("train", help="cache activations, train, evaluate every budget k")
+    train.add_argument("--preset", default=DEFAULT_PRESET, help=preset_help)
+    train.add_argument("--config", type=Path, help="a SAELens runner config JSON (instead of a preset)")
+    train.add_argument("--output-dir", type=Path, help="results directory (default results/<preset>)")
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        type=_override,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a runner field (lr=1e-3) or an SAE field (sae.k=32); repeatable",
+    )
+    train.add_argument("--training-tokens", type=_positive_int, help="default: the preset's")
+    train.add_argument("--eval-tokens", type=_positive_int, help="held-out tokens (default: the preset's)")
+    train.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_ROOT, help="activation caches")
+    train.add_argument("--device", default="cpu")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--wandb",
+        choices=["offline", "online", "disabled"],
+        default="offline",
+        help="wandb logging (default offline, into the results directory)",
+    )
+    train.add_argument("--overwrite", action="store_true", help="replace an existing results directory")
+
+    cache = commands.add_parser("cache", help="cache training and held-out activations of an embedded preset")
+    cache.add_argument("--preset", default=DEFAULT_PRESET, help=preset_help)
+    cache.add_argument("--training-tokens", type=_positive_int)
+    cache.add_argument("--eval-tokens", type=_positive_int)
+    cache.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_ROOT)
+    cache.add_argument("--device", default="cpu")
+
+    evaluate = commands.add_parser("evaluate", help="per-k table of a saved SAE on its preset's held-out text")
+    evaluate.add_argument("sae", help="SAE directory, or a Hugging Face repo id with --sae-id")
+    evaluate.add_argument("--sae-id", help="the SAE's folder inside a repo")
+    evaluate.add_argument("--preset", help="default: the preset matching the SAE's model and hook")
+    evaluate.add_argument("--ks", type=_budgets, help="comma-separated budgets (default powers of two and K)")
+    evaluate.add_argument("--eval-tokens", type=_positive_int)
+    evaluate.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_ROOT)
+    evaluate.add_argument("--output-dir", type=Path, help="also write per_k.md/.json/.png here")
+    evaluate.add_argument("--device", default="cpu")
     return parser
 
 
-def run_demo(args: argparse.Namespace) -> None:
-    output_dir: Path = args.output_dir
-    if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite:
-        raise SystemExit(f"error: {output_dir} exists and is not empty; pass --overwrite or another --output-dir")
-    started = time.perf_counter()
-    torch.manual_seed(args.seed)  # SAELens does not seed torch from cfg.seed
-    model = presets.tiny_random_model(seed=args.seed)
-    context_size = 32
-    n_train_sequences = max(64, args.training_tokens // (context_size - 1) // 4)
-    train_tokens = presets.tiny_token_dataset(n_train_sequences, context_size, seed=args.seed)
-    held_out = presets.tiny_token_dataset(256, context_size, seed=args.seed + 1)
+def _train(args: argparse.Namespace) -> None:
+    overrides = dict(args.overrides)
+    if args.config is not None:
+        cfg = LanguageModelSAERunnerConfig.from_dict(json.loads(args.config.read_text()))
+        if args.output_dir is not None:
+            overrides["output_path"] = str(args.output_dir)
+        LanguageModelSAETrainingRunner(apply_overrides(cfg, overrides)).run()
+        print(f"SAE saved to {overrides.get('output_path', cfg.output_path)}")
+        return
+    preset = get_preset(args.preset)
+    output_dir = args.output_dir or Path("results") / preset.name
+    result = run_training_job(
+        preset,
+        output_dir,
+        overrides=overrides,
+        training_tokens=args.training_tokens,
+        eval_tokens=args.eval_tokens,
+        cache_root=args.cache_dir,
+        device=args.device,
+        wandb=args.wandb,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    if result.results:
+        print(f"\nHeld-out reconstruction at every budget k ({preset.name}, special tokens excluded):\n")
+        print(format_markdown_table(result.results))
+    print(f"\nSAE saved to {result.sae_dir}; report in {result.output_dir}. Took {result.seconds / 60:.1f} min.")
 
-    # Train into a scratch directory and move it into place only when everything succeeded.
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
-    try:
-        sae_dir = scratch / "sae"
-        cfg = presets.tiny_runner_config(
-            str(sae_dir), training_tokens=args.training_tokens, d_sae=args.d_sae, k=args.k, seed=args.seed
-        )
-        LanguageModelSAETrainingRunner(cfg, override_model=model, override_dataset=train_tokens).run()
-        sae = load_sae(sae_dir)
-        activations = presets.collect_activations(model, torch.tensor(held_out["input_ids"]), presets.TINY_HOOK_NAME)
-        results = evaluate_over_k(sae, activations)  # type: ignore[arg-type]
-        table = format_markdown_table(results)
-        (scratch / "per_k.md").write_text(table + "\n")
-        (scratch / "per_k.json").write_text(json.dumps([r.to_dict() for r in results], indent=2))
-        plot_over_k(results, scratch / "per_k.png", title=f"HierarchicalTopK on {presets.TINY_MODEL_NAME}")
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(scratch, output_dir)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    elapsed = time.perf_counter() - started
-    print(f"\nHeld-out reconstruction at every budget k ({activations.shape[0]} tokens, BOS excluded):\n")
-    print(table)
-    print(f"\nSAE saved to {output_dir / 'sae'}; table, JSON and plot in {output_dir}. Took {elapsed:.0f} s.")
+
+def _cache(args: argparse.Namespace) -> None:
+    preset = get_preset(args.preset)
+    model = preset.load_model(args.device)
+    activations = prepare_embedded_activations(
+        preset,
+        model,
+        eval_tokens=args.eval_tokens or preset.eval_tokens,
+        training_tokens=args.training_tokens or preset.training_tokens,
+        cache_root=args.cache_dir,
+    )
+    for name, cache in (("training", activations.train), ("held-out", activations.held_out)):
+        assert cache is not None
+        print(f"{name}: {cache.key.n_tokens} tokens at {cache.activations_path}")
+
+
+def _preset_for(sae: HierarchicalTopKSAE, name: str | None) -> Preset:
+    if name is not None:
+        return get_preset(name)
+    metadata = sae.cfg.metadata
+    for preset in PRESETS.values():
+        if preset.model_name == metadata.model_name and preset.hook_name == metadata.hook_name:
+            return preset
+    raise ValueError(
+        f"no preset matches the SAE's model {metadata.model_name!r} and hook {metadata.hook_name!r}; pass --preset"
+    )
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    sae = load_sae(args.sae, args.sae_id, device=args.device)
+    if not isinstance(sae, HierarchicalTopKSAE):
+        raise ValueError(f"{args.sae} is a {type(sae).__name__}, not a hierarchical_topk SAE")
+    preset = _preset_for(sae, args.preset)
+    if not preset.embedded:
+        raise ValueError(f"preset {preset.name!r} has no embedded held-out corpus to evaluate on")
+    model = preset.load_model(args.device)
+    activations = prepare_embedded_activations(
+        preset, model, eval_tokens=args.eval_tokens or preset.eval_tokens, cache_root=args.cache_dir
+    )
+    results = evaluate_over_k(sae, activations.held_out_activations(), ks=args.ks)
+    print(format_markdown_table(results))
+    if args.output_dir is not None:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        write_report(results, args.output_dir, title=f"HierarchicalTopK on {preset.model_name} ({preset.hook_name})")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    for name, value in OFFLINE_ENVIRONMENT.items():
-        os.environ.setdefault(name, value)
     args = build_parser().parse_args(argv)
+    handlers = {"train": _train, "cache": _cache, "evaluate": _evaluate}
     try:
-        if args.command == "demo":
-            run_demo(args)
+        handlers[args.command](args)
     except (ValueError, FileNotFoundError) as error:  # bad settings: one clear line, no traceback
         raise SystemExit(f"error: {error}") from error

