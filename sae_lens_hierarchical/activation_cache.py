@@ -31,6 +31,8 @@ from datasets import Array2D, Dataset, Features, Sequence, Value, concatenate_da
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+# Activation caches and converted model checkpoints live here (override with SAE_LENS_HIERARCHICAL_CACHE).
+DEFAULT_CACHE_ROOT = Path(os.environ.get("SAE_LENS_HIERARCHICAL_CACHE", "~/.cache/sae_lens_hierarchical")).expanduser()
 MANIFEST_FILENAME = "manifest.json"
 ACTIVATIONS_DIRNAME = "activations"
 _FORMAT_VERSION = 1

