@@ -29,7 +29,7 @@ from sae_lens.saes.topk_sae import (
 from torch import nn
 from typing_extensions import override
 
-from sae_lens_hierarchical.losses import hierarchical_mse_reference, uniform_level_weights
+from sae_lens_hierarchical.losses import HIERARCHICAL_LOSSES, uniform_level_weights
 
 ARCHITECTURE = "hierarchical_topk"
 
@@ -38,6 +38,7 @@ _LOGGED_BUDGET_FRACTIONS = (0.0, 0.25, 0.5, 1.0)
 # SAELens normalisations applied inside the SAE; prefix reconstructions would need un-normalising
 # one by one, which the hierarchical loss does not do (SAELens's TopK AuxK loss rejects them too).
 _UNSUPPORTED_TRAINING_NORMALIZATIONS = ("layer_norm", "constant_norm_rescale")
+_B_DEC_INITS = ("zeros", "mean")
 
 
 def _is_int(value: object) -> bool:
@@ -238,8 +239,16 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
             reconstruction exactly as in SAELens.
         rescale_acts_by_decoder_norm (bool): rank by ``pre-activation * ||W_dec row||`` and decode with
             unit-norm rows (SAELens TopK default: True). Norms are folded into the weights on save.
+        loss_implementation (str): how the hierarchical loss is computed; the value is the same either way.
+            ``"fused"`` (default) walks the ranks in chunks inside a custom autograd function, so memory stays
+            flat in K; ``"reference"`` is plain autograd over every prefix reconstruction (``[tokens, K, d_in]``
+            tensors), kept as the readable definition and for cross-checking.
         use_sparse_activations (bool): must stay False; the hierarchical loss always decodes sparsely from
             the K selected decoder rows.
+        b_dec_init (str): ``"zeros"`` (default, as SAELens) or ``"mean"``: set ``b_dec`` to the mean of the
+            first training batch (after SAELens's activation scaling) before the first step. Residual streams
+            have a large mean; starting from zero, one latent spends the top rank of every token on it, which
+            costs a HierarchicalTopK SAE most at small k.
         decoder_init_norm, d_in, d_sae, dtype, device, apply_b_dec_to_input, normalize_activations,
             reshape_activations, metadata: inherited from SAELens's ``TrainingSAEConfig``. The
             in-SAE normalisations ``layer_norm`` and ``constant_norm_rescale`` are not supported.
@@ -247,15 +256,23 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
 
     hierarchy_levels: list[int] | None = None
     hierarchy_weights: list[float] | None = None
+    loss_implementation: str = "fused"
+    b_dec_init: str = "zeros"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _validate_max_k(self.k, self.d_sae)
+        if self.loss_implementation not in HIERARCHICAL_LOSSES:
+            raise ValueError(
+                f"loss_implementation must be one of {sorted(HIERARCHICAL_LOSSES)}; got {self.loss_implementation!r}"
+            )
         if self.hierarchy_levels is not None:
             self.hierarchy_levels = resolve_levels(self.k, self.hierarchy_levels)
         resolve_level_weights(self.levels, self.hierarchy_weights)
         if self.hierarchy_weights is not None:
             self.hierarchy_weights = [float(w) for w in self.hierarchy_weights]
+        if self.b_dec_init not in _B_DEC_INITS:
+            raise ValueError(f"b_dec_init must be one of {list(_B_DEC_INITS)}; got {self.b_dec_init!r}")
         if self.use_sparse_activations:
             raise ValueError(
                 "use_sparse_activations=True is not supported by hierarchical_topk (allowed: False); "
@@ -332,9 +349,12 @@ class HierarchicalTopKTrainingSAE(_VariableKMixin[HierarchicalTopKTrainingSAECon
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         sae_in = step_input.sae_in
+        if self.cfg.b_dec_init == "mean" and step_input.n_training_steps == 0:
+            with torch.no_grad():  # step 0 only, so resuming from a checkpoint never re-initialises
+                self.b_dec.copy_(sae_in.reshape(-1, sae_in.shape[-1]).mean(dim=0))
         hidden_pre = self._scaled_hidden_pre(self.process_sae_in(sae_in))
         top_acts, top_indices = self.activation_fn.top_k(hidden_pre)
-        result = hierarchical_mse_reference(
+        result = HIERARCHICAL_LOSSES[self.cfg.loss_implementation](
             sae_in=sae_in.to(self.dtype),
             top_acts=self.decoder_coefficients(top_acts, top_indices),
             top_indices=top_indices,

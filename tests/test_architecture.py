@@ -283,3 +283,21 @@ def test_training_load_from_disk_keeps_training_only_fields(tmp_path: Path) -> N
         assert reloaded.cfg.hierarchy_levels == [2, 4, 8]
         assert reloaded.cfg.hierarchy_weights == [1.0, 0.5, 0.25]
         assert reloaded.cfg.aux_loss_coefficient == 0.5
+
+
+def test_b_dec_mean_init_happens_at_step_zero_only() -> None:
+    sae = make_training_sae(b_dec_init="mean")
+    first, later = torch.randn(64, 12) + 5.0, torch.randn(64, 12) - 5.0
+    sae.training_forward_pass(step_input(first))
+    torch.testing.assert_close(sae.b_dec.detach(), first.mean(0))
+    resumed = TrainStepInput(
+        sae_in=later, coefficients={}, dead_neuron_mask=None, n_training_steps=7, is_logging_step=False
+    )
+    sae.training_forward_pass(resumed)
+    torch.testing.assert_close(sae.b_dec.detach(), first.mean(0))
+    untouched = make_training_sae()
+    before = untouched.b_dec.detach().clone()
+    untouched.training_forward_pass(step_input(first))
+    assert torch.equal(untouched.b_dec.detach(), before)
+    with pytest.raises(ValueError, match=r"b_dec_init must be one of \['zeros', 'mean'\]; got 'median'"):
+        HierarchicalTopKTrainingSAEConfig(d_in=4, d_sae=16, k=4, b_dec_init="median")
