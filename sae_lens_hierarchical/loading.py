@@ -7,11 +7,16 @@ either. Importing this module registers ``"hierarchical_topk"`` (via the package
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from sae_lens import SAE
-from sae_lens.constants import SAE_CFG_FILENAME
+from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
+from sae_lens.registry import SAE_CLASS_REGISTRY
+from safetensors import SafetensorError
+
+from sae_lens_hierarchical.hierarchical_topk_sae import ARCHITECTURE
 
 
 def _looks_local(source: str | Path) -> bool:
@@ -44,9 +49,12 @@ def load_sae(
         path = Path(source).expanduser()
         if sae_id is not None:
             path = path / sae_id
-        if not (path / SAE_CFG_FILENAME).is_file():
-            raise FileNotFoundError(f"no SAE at {path}: {path / SAE_CFG_FILENAME} does not exist")
-        sae = SAE.load_from_disk(path, device=device, dtype=dtype)
+        _check_sae_directory(path)
+        weights_path = path / SAE_WEIGHTS_FILENAME
+        try:
+            sae = SAE.load_from_disk(path, device=device, dtype=dtype)
+        except (SafetensorError, RuntimeError) as error:  # truncated/corrupt file, or shapes that contradict cfg.json
+            raise ValueError(f"could not load {weights_path}: {error}") from error
     else:
         if sae_id is None:
             raise ValueError(f"sae_id (the SAE's folder inside {source!r}) is required to load from the hub")
@@ -56,3 +64,30 @@ def load_sae(
             raise ValueError(f"k={k!r} was given but {type(sae).__name__} has no variable budget")
         sae.set_k(k)
     return sae
+
+
+def _check_sae_directory(path: Path) -> None:
+    """Fail with a message naming the file when a saved SAE is incomplete or its config cannot be used.
+
+    SAELens would otherwise raise a bare ``KeyError`` for an unknown architecture, or silently fall back to a
+    default ``k`` when the config has none.
+    """
+    cfg_path = path / SAE_CFG_FILENAME
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"no SAE at {path}: {cfg_path} does not exist")
+    if not (path / SAE_WEIGHTS_FILENAME).is_file():
+        raise FileNotFoundError(f"incomplete SAE at {path}: {path / SAE_WEIGHTS_FILENAME} does not exist")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{cfg_path} is not valid JSON: {error}") from error
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path} must hold a JSON object; got {type(cfg).__name__}")
+    architecture = cfg.get("architecture", "standard")
+    if architecture not in SAE_CLASS_REGISTRY:
+        raise ValueError(
+            f"{cfg_path} has architecture {architecture!r}, which SAELens does not know; registered: "
+            f"{sorted(SAE_CLASS_REGISTRY)} (import the package that provides it before loading)"
+        )
+    if architecture == ARCHITECTURE and "k" not in cfg:
+        raise ValueError(f"{cfg_path} has no 'k' (K, the largest budget this {ARCHITECTURE} SAE was trained for)")
