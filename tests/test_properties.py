@@ -1,0 +1,84 @@
+"""Property tests (hypothesis): fused == reference on random problems; budgets are nested for any input."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sae_lens_hierarchical import HierarchicalTopKSAE, HierarchicalTopKSAEConfig
+from sae_lens_hierarchical.losses import hierarchical_mse_fused, hierarchical_mse_reference
+
+
+@st.composite
+def loss_problems(draw: st.DrawFn) -> dict:
+    k = draw(st.integers(1, 12))
+    d_sae = draw(st.integers(k, 40))
+    d_in = draw(st.integers(1, 9))
+    n_tokens = draw(st.integers(1, 30))
+    levels = sorted(draw(st.sets(st.integers(1, k), min_size=0, max_size=k)) | {k})
+    weights = draw(st.lists(st.floats(0.0, 4.0, allow_nan=False), min_size=len(levels), max_size=len(levels)))
+    if sum(weights) == 0:
+        weights[-1] = 1.0
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randn(n_tokens, d_sae, generator=generator, dtype=torch.float64)
+    top_acts, top_indices = scores.topk(k, dim=-1, sorted=True)
+    return {
+        "sae_in": torch.randn(n_tokens, d_in, generator=generator, dtype=torch.float64).to(dtype),
+        "top_acts": top_acts.relu().to(dtype),
+        "top_indices": top_indices,
+        "W_dec": torch.randn(d_sae, d_in, generator=generator, dtype=torch.float64).to(dtype),
+        "b_dec": torch.randn(d_in, generator=generator, dtype=torch.float64).to(dtype),
+        "levels": levels,
+        "level_weights": weights,
+        "chunk_size": draw(st.integers(1, k + 2)),
+    }
+
+
+@settings(max_examples=60, deadline=None)
+@given(loss_problems())
+def test_fused_equals_reference_with_gradients(problem: dict) -> None:
+    chunk_size = problem.pop("chunk_size")
+    differentiable = ("sae_in", "top_acts", "W_dec", "b_dec")
+
+    def run(fn, **extra):
+        inputs = {name: (t.clone().requires_grad_() if name in differentiable else t) for name, t in problem.items()}
+        result = fn(**inputs, **extra)
+        result.loss.backward()
+        return result, [inputs[name].grad for name in differentiable]
+
+    fused, fused_grads = run(hierarchical_mse_fused, chunk_size=chunk_size)
+    reference, reference_grads = run(hierarchical_mse_reference)
+    tolerance = {"rtol": 1e-4, "atol": 1e-4} if problem["sae_in"].dtype == torch.float32 else {}
+    torch.testing.assert_close(fused.loss, reference.loss, **tolerance)
+    torch.testing.assert_close(fused.level_mse, reference.level_mse, **tolerance)
+    torch.testing.assert_close(fused.reconstruction, reference.reconstruction, **tolerance)
+    for got, expected in zip(fused_grads, reference_grads, strict=True):
+        torch.testing.assert_close(got, expected, **tolerance)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    k=st.integers(1, 10),
+    extra_latents=st.integers(0, 30),
+    n_tokens=st.integers(1, 20),
+    seed=st.integers(0, 2**31 - 1),
+    ties=st.booleans(),
+)
+def test_budgets_are_nested_for_any_input(k: int, extra_latents: int, n_tokens: int, seed: int, ties: bool) -> None:
+    torch.manual_seed(seed)
+    sae = HierarchicalTopKSAE(HierarchicalTopKSAEConfig(d_in=6, d_sae=k + extra_latents, k=k))
+    x = torch.randn(n_tokens, 6)
+    if ties:  # identical encoder columns give exactly tied pre-activations
+        with torch.no_grad():
+            sae.W_enc[:, 1:] = sae.W_enc[:, :1]
+            sae.b_enc.zero_()
+    previous = None
+    for budget in range(1, k + 1):
+        active = sae.encode(x, k=budget) != 0
+        assert (active.sum(-1) <= budget).all()
+        if previous is not None:
+            assert (previous <= active).all(), f"top-{budget - 1} set not inside top-{budget} set"
+        previous = active
