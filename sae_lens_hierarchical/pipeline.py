@@ -225,6 +225,7 @@ def _scratch_beside(target: Path) -> Iterator[Path]:
     """A scratch directory on the same file system as ``target`` (so the final rename is atomic)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    scratch.chmod(0o755)  # mkdtemp's 0700 would otherwise become the results directory's mode
     try:
         yield scratch
     finally:
