@@ -157,28 +157,25 @@ def run_training_job(
     eval_tokens = eval_tokens or preset.eval_tokens
     # Validate the configuration before any expensive work.
     cfg = apply_overrides(preset.runner_config(None, training_tokens=training_tokens, seed=seed), overrides or {})
-    torch.manual_seed(seed)  # SAELens does not seed torch from cfg.seed
     model = model if model is not None else preset.load_model(device)
     activations = None
     if preset.embedded:
         activations = prepare_embedded_activations(
             preset, model, eval_tokens, training_tokens, cache_root=cache_root, progress=progress
         )
-    with _scratch_beside(output_dir) as scratch:
+    with _scratch_beside(output_dir) as scratch, _wandb_environment(wandb, scratch):
         run_changes: dict[str, Any] = {"output_path": str(scratch / SAE_DIRNAME), "device": device}
         if activations is not None and activations.train is not None:
             cached_path = str(activations.train.activations_path)
             run_changes |= {"use_cached_activations": True, "cached_activations_path": cached_path}
         if wandb != "disabled":
-            os.environ["WANDB_MODE"] = wandb
-            os.environ["WANDB_DIR"] = str(scratch)
             run_changes["logger"] = LoggingConfig(
                 log_to_wandb=True, wandb_project="sae-lens-hierarchical", run_name=f"htopk-{preset.name}"
             )
             # In-loop evaluations run the whole LM with logits: keep them small on a CPU.
             run_changes |= {"n_eval_batches": 1, "eval_batch_size_prompts": 4}
         cfg = replace(cfg, **run_changes)
-        torch.manual_seed(seed)
+        torch.manual_seed(seed)  # SAELens does not seed torch from cfg.seed; this fixes the SAE's initialisation
         runner = LanguageModelSAETrainingRunner(
             cfg,
             override_model=model,
@@ -218,6 +215,22 @@ def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
         raise ValueError(f"output directory {output_dir} exists and is a file")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
         raise ValueError(f"output directory {output_dir} exists and is not empty; pass overwrite or choose another")
+
+
+@contextmanager
+def _wandb_environment(mode: str, directory: Path) -> Iterator[None]:
+    """wandb's mode and run directory for the duration of one job, restored afterwards."""
+    saved = {name: os.environ.get(name) for name in ("WANDB_MODE", "WANDB_DIR")}
+    if mode != "disabled":
+        os.environ.update(WANDB_MODE=mode, WANDB_DIR=str(directory))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextmanager

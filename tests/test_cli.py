@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,12 @@ def test_errors_are_one_line_and_leave_nothing_behind(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
     with pytest.raises(SystemExit, match="no SAE at"):
         main(["evaluate", str(tmp_path / "missing")])
+
+
+def test_wandb_offline_run_lands_in_the_results_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    output = tmp_path / "run"
+    options = [option if option != "disabled" else "offline" for option in TINY_TRAIN]
+    main(["train", *options, "--output-dir", str(output), "--cache-dir", str(tmp_path / "cache"), "--set", "sae.k=4"])
+    assert list((output / "wandb").glob("offline-run-*")), "the offline wandb run belongs to the results"
+    assert "WANDB_DIR" not in os.environ, "the job must not leave wandb settings behind"
