@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Generic, TypeVar
 
 import torch
-from sae_lens.saes.sae import SAEMetadata, TrainStepInput, TrainStepOutput
+from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from sae_lens.saes.topk_sae import (
     TopKSAE,
     TopKSAEConfig,
@@ -240,9 +240,11 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
         rescale_acts_by_decoder_norm (bool): rank by ``pre-activation * ||W_dec row||`` and decode with
             unit-norm rows (SAELens TopK default: True). Norms are folded into the weights on save.
         loss_implementation (str): how the hierarchical loss is computed; the value is the same either way.
-            ``"fused"`` (default) walks the ranks in chunks inside a custom autograd function, so memory stays
-            flat in K; ``"reference"`` is plain autograd over every prefix reconstruction (``[tokens, K, d_in]``
-            tensors), kept as the readable definition and for cross-checking.
+            ``"auto"`` (default) is ``"triton"`` for CUDA tensors when triton is installed (not float64), else
+            ``"fused"``. ``"fused"`` walks the ranks in chunks inside a custom autograd function in torch, so memory
+            stays flat in K; ``"triton"`` runs the same algorithm as one Triton kernel per pass (CUDA only, needs
+            the ``gpu`` extra); ``"reference"`` is plain autograd over every prefix reconstruction
+            (``[tokens, K, d_in]`` tensors), kept as the readable definition and for cross-checking.
         use_sparse_activations (bool): must stay False; the hierarchical loss always decodes sparsely from
             the K selected decoder rows.
         b_dec_init (str): ``"zeros"`` (default, as SAELens) or ``"mean"``: set ``b_dec`` to the mean of the
@@ -256,7 +258,7 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
 
     hierarchy_levels: list[int] | None = None
     hierarchy_weights: list[float] | None = None
-    loss_implementation: str = "fused"
+    loss_implementation: str = "auto"
     b_dec_init: str = "zeros"
 
     def __post_init__(self) -> None:
@@ -396,9 +398,3 @@ def _logged_level_positions(levels: list[int]) -> list[int]:
         if position not in positions:
             positions.append(position)
     return positions
-
-
-def training_details_from_metadata(metadata: SAEMetadata) -> dict[str, Any]:
-    """Training-only fields (levels, weights, ...) recorded in an SAE's metadata, or ``{}``."""
-    details = metadata.get("training_architecture_details")
-    return dict(details) if details else {}

@@ -11,11 +11,13 @@ so it stays on the scale of a single-level MSE: SAELens's AuxK coefficient and i
 gradient clipping (norm 1.0) behave as they do for TopK, and ``levels == [K]`` *is* TopK's loss.
 
 Every implementation here shares one signature and returns a :class:`HierarchicalMSE`; tests compare
-them against an independent float64 loop.
+them against an independent float64 loop. The Triton kernels (GPU) live in :mod:`sae_lens_hierarchical.triton_kernels`
+and are imported only when used; :func:`hierarchical_mse_auto` picks them on CUDA and the torch fused path elsewhere.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -40,6 +42,15 @@ class HierarchicalMSE(NamedTuple):
 def uniform_level_weights(levels: list[int]) -> list[float]:
     """The paper's weighting: every budget counts equally, and the weights sum to one."""
     return [1.0 / len(levels)] * len(levels)
+
+
+def check_levels(levels: list[int], level_weights: list[float], n_kept: int) -> None:
+    """Raise ValueError unless ``levels`` are budgets in ``1..K`` with one weight each (shared by the fused paths)."""
+    if len(levels) != len(level_weights) or not levels or any(not 1 <= level <= n_kept for level in levels):
+        raise ValueError(
+            f"levels must be a non-empty list of budgets in 1..K={n_kept} with one weight each; "
+            f"got levels={list(levels)}, level_weights={list(level_weights)}"
+        )
 
 
 def hierarchical_mse_reference(
@@ -314,11 +325,7 @@ def hierarchical_mse_fused(
     """
     d_in = sae_in.shape[-1]
     n_kept = top_acts.shape[-1]
-    if len(levels) != len(level_weights) or not levels or any(not 1 <= level <= n_kept for level in levels):
-        raise ValueError(
-            f"levels must be a non-empty list of budgets in 1..K={n_kept} with one weight each; "
-            f"got levels={list(levels)}, level_weights={list(level_weights)}"
-        )
+    check_levels(levels, level_weights, n_kept)
     target = sae_in.reshape(-1, d_in)
     default_chunk, default_block = default_tiling(target.shape[0], d_in, n_kept, sae_in.device)
     chunk_size = default_chunk if chunk_size is None else chunk_size
@@ -339,10 +346,65 @@ def hierarchical_mse_fused(
     return HierarchicalMSE(loss, level_mse, reconstruction.reshape(sae_in.shape))
 
 
+# --- Triton kernels and the automatic choice ------------------------------------------------------------
+
 HierarchicalLossFn = Callable[..., HierarchicalMSE]
+
+# Input dtypes the Triton kernels take (they accumulate in float32, so float64 stays on the torch path).
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether triton can be imported (checked once; the package itself never needs it)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def hierarchical_mse_triton(*args: Any, **kwargs: Any) -> HierarchicalMSE:
+    """Memory-flat loss in Triton kernels, for CUDA tensors: see :mod:`sae_lens_hierarchical.triton_kernels`.
+
+    Same arguments and result as :func:`hierarchical_mse_fused`. Imported on first use, so that everything else
+    works without triton installed.
+    """
+    if not triton_available():
+        raise ImportError("the Triton loss needs triton: pip install 'sae-lens-hierarchical[gpu]'")
+    from sae_lens_hierarchical.triton_kernels import hierarchical_mse_triton as triton_loss
+
+    return triton_loss(*args, **kwargs)
+
+
+def auto_loss_implementation(device: torch.device | str, dtype: torch.dtype) -> str:
+    """``"triton"`` for float32/bfloat16/float16 tensors on CUDA when triton is installed, else ``"fused"``.
+
+    The torch fused path stays the choice on CPU (Triton kernels run on GPU only) and for float64.
+    """
+    use_triton = torch.device(device).type == "cuda" and dtype in TRITON_DTYPES and triton_available()
+    return "triton" if use_triton else "fused"
+
+
+def hierarchical_mse_auto(
+    sae_in: torch.Tensor,
+    top_acts: torch.Tensor,
+    top_indices: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    levels: list[int],
+    level_weights: list[float],
+) -> HierarchicalMSE:
+    """The memory-flat loss, on the implementation :func:`auto_loss_implementation` picks for these tensors."""
+    dtype = functools.reduce(torch.promote_types, (sae_in.dtype, top_acts.dtype, W_dec.dtype, b_dec.dtype))
+    loss_fn = HIERARCHICAL_LOSSES[auto_loss_implementation(sae_in.device, dtype)]
+    return loss_fn(sae_in, top_acts, top_indices, W_dec, b_dec, levels, level_weights)
+
 
 # ``HierarchicalTopKTrainingSAEConfig.loss_implementation`` -> loss function (all share one signature).
 HIERARCHICAL_LOSSES: dict[str, HierarchicalLossFn] = {
+    "auto": hierarchical_mse_auto,
     "fused": hierarchical_mse_fused,
     "reference": hierarchical_mse_reference,
+    "triton": hierarchical_mse_triton,
 }

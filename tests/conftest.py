@@ -7,6 +7,9 @@ import os
 for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_name, "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+# Triton reads this when its kernels are decorated, i.e. on import, and torch imports triton early: set it first so
+# that tests/test_triton_kernels.py runs the kernels on CPU tensors. TRITON_INTERPRET=0 tests them compiled on a GPU.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from pathlib import Path  # noqa: E402
 
