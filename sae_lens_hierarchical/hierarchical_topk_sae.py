@@ -221,6 +221,32 @@ class HierarchicalTopKSAE(_VariableKMixin[HierarchicalTopKSAEConfig], TopKSAE):
         hidden_pre = self._scaled_hidden_pre(self.process_sae_in(x))
         return self.hook_sae_acts_post(self.activation_fn(hidden_pre, k))
 
+    @override
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction at the current budget; decodes sparsely from the k selected rows when it can.
+
+        SAELens's path scatters dense ``[..., d_sae]`` activations and multiplies them by the whole decoder. When no
+        hook watches or edits the activations (no cache, no ablation) and no error term is wanted, the output is
+        the same sum of k decoder rows, computed directly with ``embedding_bag`` (never a ``[..., k, d_in]`` tensor).
+        """
+        if self.use_error_term or _has_hooks(self.hook_sae_acts_post):
+            return super().forward(x)
+        hidden_pre = self._scaled_hidden_pre(self.process_sae_in(x))
+        top_acts, top_indices = self.activation_fn.top_k(hidden_pre)
+        k = self.k
+        coefficients = self.decoder_coefficients(top_acts[..., :k], top_indices[..., :k])
+        flat_indices = top_indices[..., :k].reshape(-1, k)
+        decoded = nn.functional.embedding_bag(
+            flat_indices, self.W_dec, per_sample_weights=coefficients.reshape(-1, k).to(self.W_dec.dtype), mode="sum"
+        )
+        sae_out_pre = self.hook_sae_recons(decoded.reshape(*hidden_pre.shape[:-1], -1) + self.b_dec)
+        sae_out = self.reshape_fn_out(self.run_time_activation_norm_fn_out(sae_out_pre), self.d_head)
+        return self.hook_sae_output(sae_out)
+
+
+def _has_hooks(hook_point: nn.Module) -> bool:
+    return bool(hook_point._forward_hooks or hook_point._forward_pre_hooks or hook_point._backward_hooks)
+
 
 @dataclass
 class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):

@@ -301,3 +301,27 @@ def test_b_dec_mean_init_happens_at_step_zero_only() -> None:
     assert torch.equal(untouched.b_dec.detach(), before)
     with pytest.raises(ValueError, match=r"b_dec_init must be one of \['zeros', 'mean'\]; got 'median'"):
         HierarchicalTopKTrainingSAEConfig(d_in=4, d_sae=16, k=4, b_dec_init="median")
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+def test_sparse_forward_equals_sae_lens_dense_path_and_yields_to_hooks(rescale: bool) -> None:
+    sae = make_inference_sae(seed=3, rescale=rescale)
+    x = torch.randn(3, 5, 12) * 2
+    for k in range(1, 9):
+        with sae.use_k(k):
+            dense = sae.decode(sae.encode(x))  # SAELens's path: dense scatter, then the whole decoder
+            torch.testing.assert_close(sae(x), dense, rtol=1e-5, atol=1e-5)
+    latent = int(sae.encode(x)[0, 0].argmax())
+
+    def ablate(acts: torch.Tensor, hook) -> torch.Tensor:
+        acts[..., latent] = 0.0
+        return acts
+
+    sae.hook_sae_acts_post.add_hook(ablate)
+    try:
+        edited = sae(x)  # a hook on the activations must see, and be able to change, the dense activations
+    finally:
+        sae.reset_hooks()
+    expected = sae.decode(ablate(sae.encode(x), None))
+    torch.testing.assert_close(edited, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(edited, sae(x))
