@@ -377,6 +377,11 @@ class HierarchicalTopKTrainingSAE(_VariableKMixin[HierarchicalTopKTrainingSAECon
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         sae_in = step_input.sae_in
+        if not bool(torch.isfinite(sae_in).all()):  # one host sync a step; NaN weights would otherwise be saved
+            raise ValueError(
+                f"non-finite activations (NaN or inf) at training step {step_input.n_training_steps}, hook "
+                f"{self.cfg.metadata.hook_name!r}: activations must be finite; stopping before any weight changes"
+            )
         if self.cfg.b_dec_init == "mean" and step_input.n_training_steps == 0:
             with torch.no_grad():  # step 0 only, so resuming from a checkpoint never re-initialises
                 self.b_dec.copy_(sae_in.reshape(-1, sae_in.shape[-1]).mean(dim=0))

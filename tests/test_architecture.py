@@ -325,3 +325,20 @@ def test_sparse_forward_equals_sae_lens_dense_path_and_yields_to_hooks(rescale: 
     expected = sae.decode(ablate(sae.encode(x), None))
     torch.testing.assert_close(edited, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(edited, sae(x))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_activations_stop_training_before_the_weights_change(bad: float) -> None:
+    sae = make_training_sae()
+    sae.cfg.metadata.hook_name = "blocks.6.hook_resid_post"
+    x = torch.randn(16, 12)
+    x[3, 5] = bad
+    before = {name: p.detach().clone() for name, p in sae.named_parameters()}
+    with pytest.raises(
+        ValueError, match=r"non-finite activations .* at training step 4, hook 'blocks.6.hook_resid_post'"
+    ):
+        sae.training_forward_pass(
+            TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=4, is_logging_step=False)
+        )
+    for name, parameter in sae.named_parameters():
+        assert torch.equal(parameter, before[name])
