@@ -296,9 +296,8 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
             )
         if self.hierarchy_levels is not None:
             self.hierarchy_levels = resolve_levels(self.k, self.hierarchy_levels)
-        resolve_level_weights(self.levels, self.hierarchy_weights)
         if self.hierarchy_weights is not None:
-            self.hierarchy_weights = [float(w) for w in self.hierarchy_weights]
+            self.hierarchy_weights = resolve_level_weights(self.levels, self.hierarchy_weights)
         if self.b_dec_init not in _B_DEC_INITS:
             raise ValueError(f"b_dec_init must be one of {list(_B_DEC_INITS)}; got {self.b_dec_init!r}")
         if self.use_sparse_activations:
