@@ -1,7 +1,15 @@
-"""Evaluation of a HierarchicalTopK SAE at every budget k from one encoding pass.
+"""Evaluation of a TopK-family SAE at every budget k from one encoding pass.
 
 The ranking of a token's K latents is computed once; the reconstruction at budget k is the running sum
-of the first k ranked decoder rows, so all budgets cost one top-K plus K row additions per token.
+of the first k ranked decoder rows, so all budgets cost one top-K plus K row additions per token. For a
+HierarchicalTopK SAE budget k is exactly what ``encode(x, k=k)`` gives; for any other SAELens SAE (TopK,
+BatchTopK, ...) it is that SAE truncated to its k largest activations, the natural baseline for "train at
+K, run at k".
+
+Downstream metrics follow ``sae_lens.evals.get_recons_loss``: the reconstruction is spliced into the model
+at the SAE's hook (special-token positions keep their clean activations), zero ablation of the hook is the
+floor, and ``ce_loss_score = (CE_zero - CE_sae) / (CE_zero - CE_clean)``,
+``kl_div_score = (KL_zero - KL_sae) / KL_zero`` with KL(clean || spliced).
 """
 
 from __future__ import annotations
@@ -11,18 +19,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from sae_lens import SAE
 from tqdm.auto import tqdm
+from transformer_lens.hook_points import HookedRootModule
 
-from sae_lens_hierarchical.hierarchical_topk_sae import HierarchicalTopKSAE, HierarchicalTopKTrainingSAE, validate_k
+from sae_lens_hierarchical.hierarchical_topk_sae import _VariableKMixin, validate_k
 
 
 @dataclass(frozen=True)
 class BudgetMetrics:
-    """Reconstruction quality at one budget k, over all evaluated tokens.
+    """Quality at one budget k.
 
-    ``mse`` follows SAELens (squared error summed over d_in, mean over tokens); ``fvu`` is the fraction of
-    variance unexplained (total squared error / total squared deviation from the mean activation);
-    ``explained_variance = 1 - fvu``; ``l0`` the mean number of non-zero activations per token.
+    Reconstruction metrics are over the evaluated activations: ``mse`` follows SAELens (squared error summed
+    over d_in, mean over tokens); ``fvu`` is the fraction of variance unexplained (total squared error / total
+    squared deviation from the mean activation); ``explained_variance = 1 - fvu``; ``l0`` the mean number of
+    non-zero activations per token; ``alive_fraction`` the share of latents active on at least one token at
+    this budget (``dead_fraction = 1 - alive_fraction``). Downstream metrics (``None`` without a model) are
+    over the evaluated token sequences, as in ``sae_lens.evals``.
     """
 
     k: int
@@ -31,60 +45,117 @@ class BudgetMetrics:
     explained_variance: float
     cossim: float
     l0: float
+    alive_fraction: float
+    dead_fraction: float
+    ce_loss_score: float | None = None
+    kl_div_score: float | None = None
+    ce_loss_with_sae: float | None = None
+    ce_loss_without_sae: float | None = None
+    ce_loss_with_ablation: float | None = None
+    kl_div_with_sae: float | None = None
+    kl_div_with_ablation: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+def max_budget(sae: SAE[Any]) -> int | None:
+    """The largest budget ``sae`` can be evaluated at: K for TopK-family SAEs, None when it has no k."""
+    k = getattr(sae.cfg, "k", None)
+    return int(k) if isinstance(k, int) and not isinstance(k, bool) else None
+
+
+def ranked_latents(sae: SAE[Any], x: torch.Tensor, n_ranks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(activations, latent indices, decoder coefficients)``, each ``[tokens, n_ranks]``, largest first.
+
+    HierarchicalTopK SAEs use their own nested ranking; other SAEs are encoded and their active latents
+    ranked by activation, which is what truncating them to k keeps.
+    """
+    if isinstance(sae, _VariableKMixin):
+        top_acts, top_indices = sae.encode_top_k(x)
+        top_acts, top_indices = top_acts[..., :n_ranks], top_indices[..., :n_ranks]
+        return top_acts, top_indices, sae.decoder_coefficients(top_acts, top_indices)
+    top_acts, top_indices = sae.encode(x).topk(n_ranks, dim=-1, sorted=True)
+    coefficients = top_acts
+    if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
+        coefficients = top_acts / sae.W_dec.norm(dim=-1)[top_indices]
+    return top_acts, top_indices, coefficients
+
+
+def prefix_reconstructions(
+    sae: SAE[Any], x: torch.Tensor, ks: list[int]
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Reconstructions of ``x`` ``[tokens, d_in]`` at each budget in sorted ``ks``, and the ranking used."""
+    top_acts, top_indices, coefficients = ranked_latents(sae, x, ks[-1])
+    reconstruction = sae.b_dec.expand_as(x).clone()
+    reconstructions = []
+    previous = 0
+    for k in ks:
+        rows = sae.W_dec[top_indices[:, previous:k]]
+        reconstruction = reconstruction + torch.einsum("tr,trd->td", coefficients[:, previous:k], rows)
+        reconstructions.append(sae.run_time_activation_norm_fn_out(reconstruction))
+        previous = k
+    return reconstructions, top_acts, top_indices
+
+
 @torch.no_grad()
 def evaluate_over_k(
-    sae: HierarchicalTopKSAE | HierarchicalTopKTrainingSAE,
+    sae: SAE[Any],
     activations: torch.Tensor,
     ks: list[int] | None = None,
     batch_size: int = 1024,
     progress: bool = True,
+    *,
+    model: HookedRootModule | None = None,
+    tokens: torch.Tensor | None = None,
+    exclude_token_ids: list[int] | None = None,
+    hook_name: str | None = None,
+    sequence_batch_size: int = 8,
 ) -> list[BudgetMetrics]:
-    """Reconstruction metrics of ``sae`` at each budget in ``ks`` (default: powers of two up to K, and K).
+    """Metrics of ``sae`` at each budget in ``ks`` (default: powers of two up to K, and K), in one pass.
 
     Args:
+        sae: a HierarchicalTopK SAE, or any SAELens SAE (evaluated truncated to its top-k activations).
         activations: ``[tokens, d_in]`` activations at the SAE's hook, in the units the SAE was saved in.
-        ks: budgets in 1..K; evaluated in one pass.
+        ks: budgets in 1..K (required for SAEs without a ``k``).
+        model, tokens: with both, also CE-loss and KL scores per k with the SAE spliced into ``model`` at
+            ``hook_name`` (default: the SAE's metadata) on ``tokens`` ``[sequences, context]``.
+        exclude_token_ids: tokens (e.g. BOS) whose positions keep clean activations and are not scored.
     """
-    max_k = sae.cfg.k
-    ks = sorted({validate_k(k, max_k) for k in (ks or default_budgets(max_k))})
-    if activations.ndim != 2 or activations.shape[-1] != sae.cfg.d_in:
-        raise ValueError(f"activations must be [tokens, d_in={sae.cfg.d_in}]; got shape {tuple(activations.shape)}")
-    if sae.cfg.normalize_activations in ("layer_norm", "constant_norm_rescale"):
-        raise ValueError(
-            f"evaluate_over_k does not support normalize_activations={sae.cfg.normalize_activations!r} "
-            "(allowed: 'none', or a scaling already folded into the weights, as in saved SAEs)"
-        )
+    ks = _check_budgets(sae, ks)
+    _check_activations(sae, activations)
+    n_tokens = activations.shape[0]
     squared_error = torch.zeros(len(ks), dtype=torch.float64)
     cossim_sum = torch.zeros(len(ks), dtype=torch.float64)
     l0_sum = torch.zeros(len(ks), dtype=torch.float64)
+    # The best (smallest) rank at which each latent fired: it is alive at budget k iff that rank is < k.
+    best_rank = torch.full((sae.cfg.d_sae,), ks[-1], dtype=torch.long, device=sae.device)
     sum_x = torch.zeros(sae.cfg.d_in, dtype=torch.float64)
     sum_sq_norm = torch.zeros((), dtype=torch.float64)
-    n_tokens = activations.shape[0]
-    batches = range(0, n_tokens, batch_size)
-    for start in tqdm(batches, desc="Evaluating budgets", disable=not progress):
+    for start in tqdm(range(0, n_tokens, batch_size), desc="Evaluating budgets", disable=not progress):
         x = activations[start : start + batch_size].to(sae.device, sae.dtype)
-        top_acts, top_indices = sae.encode_top_k(x)
-        coefficients = sae.decoder_coefficients(top_acts, top_indices)
-        reconstruction = sae.b_dec.expand_as(x).clone()
-        previous = 0
-        for position, k in enumerate(ks):
-            rows = sae.W_dec[top_indices[:, previous:k]]
-            reconstruction += torch.einsum("tr,trd->td", coefficients[:, previous:k], rows)
-            previous = k
-            squared_error[position] += (reconstruction - x).double().pow(2).sum()
-            cossim_sum[position] += torch.nn.functional.cosine_similarity(reconstruction, x, dim=-1).double().sum()
-            l0_sum[position] += (top_acts[:, :k] > 0).sum()
-        sum_x += x.double().sum(dim=0)
-        sum_sq_norm += x.double().pow(2).sum()
+        reconstructions, top_acts, top_indices = prefix_reconstructions(sae, x, ks)
+        for position, (k, reconstruction) in enumerate(zip(ks, reconstructions, strict=True)):
+            squared_error[position] += (reconstruction - x).double().pow(2).sum().cpu()
+            cossim_sum[position] += F.cosine_similarity(reconstruction, x, dim=-1).double().sum().cpu()
+            l0_sum[position] += (top_acts[:, :k] > 0).sum().cpu()
+        ranks = torch.arange(ks[-1], device=sae.device).expand_as(top_indices)
+        ranks = torch.where(top_acts > 0, ranks, ks[-1])
+        best_rank.scatter_reduce_(0, top_indices.reshape(-1), ranks.reshape(-1), reduce="amin")
+        sum_x += x.double().sum(dim=0).cpu()
+        sum_sq_norm += x.double().pow(2).sum().cpu()
     total_variance = sum_sq_norm - sum_x.pow(2).sum() / n_tokens
+    downstream: list[dict[str, float]] = [{} for _ in ks]
+    if model is not None or tokens is not None:
+        if model is None or tokens is None:
+            raise ValueError("CE-loss and KL scores need both model and tokens; pass both or neither")
+        downstream = downstream_metrics_over_k(
+            sae, model, tokens, ks, exclude_token_ids, hook_name, sequence_batch_size, progress
+        )
     results = []
     for position, k in enumerate(ks):
         fvu = float(squared_error[position] / total_variance)
+        alive = float((best_rank < k).double().mean())
         results.append(
             BudgetMetrics(
                 k=k,
@@ -93,9 +164,128 @@ def evaluate_over_k(
                 explained_variance=1.0 - fvu,
                 cossim=float(cossim_sum[position] / n_tokens),
                 l0=float(l0_sum[position] / n_tokens),
+                alive_fraction=alive,
+                dead_fraction=1.0 - alive,
+                **downstream[position],
             )
         )
     return results
+
+
+@torch.no_grad()
+def downstream_metrics_over_k(
+    sae: SAE[Any],
+    model: HookedRootModule,
+    tokens: torch.Tensor,
+    ks: list[int],
+    exclude_token_ids: list[int] | None = None,
+    hook_name: str | None = None,
+    sequence_batch_size: int = 8,
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """CE-loss and KL scores at each budget in sorted ``ks``, with the same definitions as ``sae_lens.evals``.
+
+    Each batch of sequences runs the model clean (recording the hook's activations), zero-ablated, and once
+    per budget with the level-k reconstruction spliced in; the ranking is computed once per batch.
+    """
+    hook_name = hook_name or sae.cfg.metadata.hook_name
+    if not hook_name or hook_name not in model.hook_dict:
+        raise ValueError(f"hook_name {hook_name!r} is not a hook of the model; pass hook_name= explicitly")
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"tokens must be [sequences, context >= 2]; got shape {tuple(tokens.shape)}")
+    if sae.cfg.metadata.hook_head_index is not None:
+        raise ValueError("SAEs on a single attention head (hook_head_index set) are not supported here")
+    excluded = torch.tensor(sorted(exclude_token_ids or []), dtype=torch.long)
+    ce = torch.zeros(len(ks), dtype=torch.float64)
+    kl = torch.zeros(len(ks), dtype=torch.float64)
+    ce_clean = ce_zero = kl_zero = torch.zeros((), dtype=torch.float64)
+    n_ce = n_kl = 0
+    batches = range(0, tokens.shape[0], sequence_batch_size)
+    for start in tqdm(batches, desc="Spliced forward passes", disable=not progress):
+        batch = tokens[start : start + sequence_batch_size].to(model.cfg.device)
+        keep = ~torch.isin(batch, excluded.to(batch.device))
+        (clean_logits, clean_loss), cache = model.run_with_cache(
+            batch, names_filter=hook_name, return_type="both", loss_per_token=True
+        )
+        clean_log_probs = clean_logits.log_softmax(dim=-1)
+        del clean_logits
+        flat = cache[hook_name].reshape(-1, sae.cfg.d_in).to(sae.device, sae.dtype)
+        reconstructions, _, _ = prefix_reconstructions(sae, flat, ks)
+        ce_clean = ce_clean + clean_loss[keep[:, :-1]].double().sum().cpu()
+        zero_ce, zero_kl = _spliced_losses(model, batch, hook_name, None, keep, clean_log_probs)
+        ce_zero, kl_zero = ce_zero + zero_ce, kl_zero + zero_kl
+        for position, reconstruction in enumerate(reconstructions):
+            spliced_ce, spliced_kl = _spliced_losses(model, batch, hook_name, reconstruction, keep, clean_log_probs)
+            ce[position] += spliced_ce
+            kl[position] += spliced_kl
+        n_ce += int(keep[:, :-1].sum())
+        n_kl += int(keep.sum())
+    if n_ce == 0:
+        raise ValueError("no token positions left to score after excluding exclude_token_ids")
+    clean_mean, zero_mean, kl_zero_mean = float(ce_clean / n_ce), float(ce_zero / n_ce), float(kl_zero / n_kl)
+    metrics = []
+    for position in range(len(ks)):
+        ce_mean, kl_mean = float(ce[position] / n_ce), float(kl[position] / n_kl)
+        metrics.append(
+            {
+                "ce_loss_score": (zero_mean - ce_mean) / (zero_mean - clean_mean),
+                "kl_div_score": (kl_zero_mean - kl_mean) / kl_zero_mean,
+                "ce_loss_with_sae": ce_mean,
+                "ce_loss_without_sae": clean_mean,
+                "ce_loss_with_ablation": zero_mean,
+                "kl_div_with_sae": kl_mean,
+                "kl_div_with_ablation": kl_zero_mean,
+            }
+        )
+    return metrics
+
+
+def _spliced_losses(
+    model: HookedRootModule,
+    batch: torch.Tensor,
+    hook_name: str,
+    replacement: torch.Tensor | None,
+    keep: torch.Tensor,
+    clean_log_probs: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token CE and KL(clean || spliced) over kept positions, with ``replacement`` at the hook.
+
+    ``replacement=None`` zero-ablates the hook at every position (SAELens's floor); otherwise kept positions
+    get ``replacement`` (flattened ``[tokens, d_in]``) and the others their clean activation.
+    """
+
+    def splice(activation: torch.Tensor, hook: Any) -> torch.Tensor:
+        if replacement is None:
+            return torch.zeros_like(activation)
+        new = replacement.reshape(activation.shape).to(activation.device, activation.dtype)
+        return torch.where(keep.reshape(*keep.shape, *[1] * (activation.ndim - 2)), new, activation)
+
+    logits, loss = model.run_with_hooks(batch, return_type="both", loss_per_token=True, fwd_hooks=[(hook_name, splice)])
+    divergence = F.kl_div(logits.log_softmax(dim=-1), clean_log_probs, log_target=True, reduction="none").sum(dim=-1)
+    return loss[keep[:, :-1]].double().sum().cpu(), divergence[keep].double().sum().cpu()
+
+
+def _check_budgets(sae: SAE[Any], ks: list[int] | None) -> list[int]:
+    max_k = max_budget(sae)
+    if max_k is None:
+        if not ks:
+            raise ValueError(f"{type(sae).__name__} has no k; pass the budgets to evaluate (ks=[...])")
+        max_k = sae.cfg.d_sae
+    return sorted({validate_k(k, max_k) for k in (ks or default_budgets(max_k))})
+
+
+def _check_activations(sae: SAE[Any], activations: torch.Tensor) -> None:
+    if activations.ndim != 2 or activations.shape[-1] != sae.cfg.d_in:
+        raise ValueError(f"activations must be [tokens, d_in={sae.cfg.d_in}]; got shape {tuple(activations.shape)}")
+    if activations.shape[0] < 2:
+        raise ValueError(f"need at least 2 activation rows to measure variance; got {activations.shape[0]}")
+    if not activations.is_floating_point():
+        raise ValueError(f"activations must be floating point; got dtype {activations.dtype}")
+    if sae.cfg.normalize_activations in ("layer_norm", "constant_norm_rescale"):
+        raise ValueError(
+            f"evaluate_over_k does not support normalize_activations={sae.cfg.normalize_activations!r} "
+            "(allowed: 'none', or a scaling already folded into the weights, as in saved SAEs)"
+        )
 
 
 def default_budgets(max_k: int) -> list[int]:
@@ -105,19 +295,23 @@ def default_budgets(max_k: int) -> list[int]:
 
 
 def plot_over_k(results: list[BudgetMetrics], path: str | Path, title: str = "HierarchicalTopK SAE") -> Path:
-    """Save FVU and explained variance against k (log-x) as a PNG."""
+    """Save FVU and explained variance (and the CE-loss score when measured) against k (log-x) as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ks = [r.k for r in results]
-    figure, (fvu_axis, ev_axis) = plt.subplots(1, 2, figsize=(9, 3.5))
-    fvu_axis.plot(ks, [r.fvu for r in results], marker="o")
-    fvu_axis.set(xscale="log", xlabel="budget k", ylabel="FVU (lower is better)", title="Unexplained variance")
-    ev_axis.plot(ks, [r.explained_variance for r in results], marker="o", color="tab:green")
-    ev_axis.set(xscale="log", xlabel="budget k", ylabel="explained variance", title="Explained variance")
-    for axis in (fvu_axis, ev_axis):
+    has_ce = all(r.ce_loss_score is not None for r in results)
+    figure, axes = plt.subplots(1, 3 if has_ce else 2, figsize=(13 if has_ce else 9, 3.5))
+    axes[0].plot(ks, [r.fvu for r in results], marker="o")
+    axes[0].set(xscale="log", xlabel="budget k", ylabel="FVU (lower is better)", title="Unexplained variance")
+    axes[1].plot(ks, [r.explained_variance for r in results], marker="o", color="tab:green")
+    axes[1].set(xscale="log", xlabel="budget k", ylabel="explained variance", title="Explained variance")
+    if has_ce:
+        axes[2].plot(ks, [r.ce_loss_score for r in results], marker="o", color="tab:red")
+        axes[2].set(xscale="log", xlabel="budget k", ylabel="CE-loss score (higher is better)", title="CE-loss score")
+    for axis in axes:
         axis.set_xticks(ks, [str(k) for k in ks])
         axis.grid(alpha=0.3)
     figure.suptitle(title)
@@ -129,13 +323,124 @@ def plot_over_k(results: list[BudgetMetrics], path: str | Path, title: str = "Hi
 
 
 def format_markdown_table(results: list[BudgetMetrics]) -> str:
-    """A markdown table, one row per budget."""
-    lines = [
-        "| k | L0 | FVU | explained variance | MSE | cos sim |",
-        "|---:|---:|---:|---:|---:|---:|",
-    ]
+    """A markdown table, one row per budget (CE-loss and KL scores when measured)."""
+    has_downstream = all(r.ce_loss_score is not None for r in results)
+    header = "| k | L0 | FVU | explained variance | MSE | cos sim | alive |"
+    rule = "|---:|---:|---:|---:|---:|---:|---:|"
+    if has_downstream:
+        header += " CE-loss score | KL score | CE with SAE |"
+        rule += "---:|---:|---:|"
+    lines = [header, rule]
     for r in results:
-        lines.append(
-            f"| {r.k} | {r.l0:.2f} | {r.fvu:.4f} | {r.explained_variance:.4f} | {r.mse:.4g} | {r.cossim:.4f} |"
+        line = (
+            f"| {r.k} | {r.l0:.2f} | {r.fvu:.4f} | {r.explained_variance:.4f} | {r.mse:.4g} | {r.cossim:.4f} "
+            f"| {r.alive_fraction:.3f} |"
         )
+        if has_downstream:
+            line += f" {r.ce_loss_score:.4f} | {r.kl_div_score:.4f} | {r.ce_loss_with_sae:.4f} |"
+        lines.append(line)
     return "\n".join(lines)
+
+
+FAMILY_LABELS = {
+    "hierarchical": "HierarchicalTopK (one SAE, any k)",
+    "topk_fixed": "TopK trained at k (one SAE per k)",
+    "topk_truncated": "TopK trained at K, truncated to k",
+    "multi_topk": "Multi-TopK, L(K/4) + L(K)/8",
+}
+_FAMILY_STYLES = {
+    "hierarchical": {"color": "tab:red", "linewidth": 3.0, "marker": "o", "zorder": 5},
+    "topk_fixed": {"color": "tab:blue", "linewidth": 1.5, "marker": "s"},
+    "topk_truncated": {"color": "tab:gray", "linewidth": 1.5, "marker": "v", "linestyle": "--"},
+    "multi_topk": {"color": "tab:green", "linewidth": 1.5, "marker": "^", "linestyle": ":"},
+}
+
+
+def by_family(results: dict[str, list[BudgetMetrics]], families: dict[str, str]) -> dict[str, dict[int, BudgetMetrics]]:
+    """Group per-SAE results into one ``{k: metrics}`` line per family (fixed-k TopK SAEs share a line)."""
+    lines: dict[str, dict[int, BudgetMetrics]] = {}
+    for name, rows in results.items():
+        line = lines.setdefault(families[name], {})
+        for row in rows:
+            if row.k in line:
+                raise ValueError(f"two SAEs of family {families[name]!r} were evaluated at k={row.k}")
+            line[row.k] = row
+        if families[name] == "topk_truncated":
+            # Untruncated, the TopK SAE trained at K is also the fixed-k TopK SAE for k = K.
+            lines.setdefault("topk_fixed", {})[rows[-1].k] = rows[-1]
+    return lines
+
+
+def format_comparison_table(results: dict[str, list[BudgetMetrics]], families: dict[str, str]) -> str:
+    """Markdown: FVU, CE-loss score and KL score per k, one column per family, then HTopK against each baseline."""
+    lines = by_family(results, families)
+    order = [family for family in FAMILY_LABELS if family in lines]
+    ks = sorted({k for line in lines.values() for k in line})
+    metrics = [("fvu", "FVU (lower is better)")]
+    if all(r.ce_loss_score is not None for rows in results.values() for r in rows):
+        metrics += [("ce_loss_score", "CE-loss score (higher is better)"), ("kl_div_score", "KL score")]
+    sections = []
+    for metric, heading in metrics:
+        table = [f"**{heading}**", "", "| k | " + " | ".join(FAMILY_LABELS[f] for f in order) + " |"]
+        table.append("|---:|" + "---:|" * len(order))
+        for k in ks:
+            cells = [f"{getattr(lines[f][k], metric):.4f}" if k in lines[f] else "" for f in order]
+            table.append(f"| {k} | " + " | ".join(cells) + " |")
+        sections.append("\n".join(table))
+    sections.append(_comparison_summary(lines))
+    return "\n\n".join(section for section in sections if section)
+
+
+def _comparison_summary(lines: dict[str, dict[int, BudgetMetrics]]) -> str:
+    """HTopK's FVU relative to each baseline at the budgets both were evaluated at."""
+    htopk = lines.get("hierarchical")
+    if htopk is None:
+        return ""
+    baselines = [family for family in FAMILY_LABELS if family in lines and family != "hierarchical"]
+    header = "| k | " + " | ".join(f"HTopK FVU vs {FAMILY_LABELS[f]}" for f in baselines) + " |"
+    rows = [header, "|---:|" + "---:|" * len(baselines)]
+    for k in sorted(htopk):
+        cells = []
+        for family in baselines:
+            other = lines[family].get(k)
+            cells.append(f"{100 * (htopk[k].fvu / other.fvu - 1):+.1f}%" if other is not None else "")
+        if any(cells):
+            rows.append(f"| {k} | " + " | ".join(cells) + " |")
+    note = "Relative FVU difference (negative: HierarchicalTopK reconstructs better)."
+    return f"**HierarchicalTopK against each baseline**\n\n{note}\n\n" + "\n".join(rows)
+
+
+def plot_comparison(
+    results: dict[str, list[BudgetMetrics]], families: dict[str, str], path: str | Path, metric: str, title: str
+) -> Path:
+    """One line per family of ``metric`` against k (log-x), HierarchicalTopK drawn thick and on top."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = by_family(results, families)
+    ylabels = {
+        "fvu": "FVU (lower is better)",
+        "ce_loss_score": "CE-loss score (higher is better)",
+        "kl_div_score": "KL score (higher is better)",
+        "explained_variance": "explained variance",
+    }
+    figure, axis = plt.subplots(figsize=(6.5, 4.2))
+    for family in (f for f in FAMILY_LABELS if f in lines):
+        ks = sorted(lines[family])
+        values = [getattr(lines[family][k], metric) for k in ks]
+        axis.plot(ks, values, label=FAMILY_LABELS[family], **_FAMILY_STYLES[family])  # type: ignore[arg-type]
+    all_ks = sorted({k for line in lines.values() for k in line})
+    axis.set(xscale="log", xlabel="budget k (active latents per token)", ylabel=ylabels.get(metric, metric))
+    axis.set_xticks(all_ks, [str(k) for k in all_ks])
+    if metric == "fvu":
+        axis.set_yscale("log")
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(fontsize=8)
+    axis.set_title(title, fontsize=9)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

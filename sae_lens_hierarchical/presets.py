@@ -122,6 +122,8 @@ class Preset:
         load_token_sequences: for embedded presets, ``(tokenizer, context_size) -> Dataset`` with packed
             ``input_ids``, in a fixed shuffled order (held-out sequences are taken from the end).
         dataset_path: for streamed presets, the Hugging Face dataset SAELens tokenizes on the fly.
+        downstream_eval_tokens: held-out tokens for the CE-loss / KL scores (each costs a full forward pass
+            per budget, so far fewer than ``eval_tokens``).
         sae_defaults, runner_defaults: further SAE / runner settings of this preset (overridable).
     """
 
@@ -141,6 +143,7 @@ class Preset:
     load_model: Callable[[str], HookedTransformer]
     load_token_sequences: Callable[[PreTrainedTokenizerBase, int], Dataset] | None = None
     dataset_path: str = ""
+    downstream_eval_tokens: int = 2048
     sae_defaults: dict[str, Any] = field(default_factory=dict)
     runner_defaults: dict[str, Any] = field(default_factory=dict)
 
