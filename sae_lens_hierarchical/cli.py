@@ -5,6 +5,7 @@ sae-lens-hierarchical train --preset tiny-random --set sae.k=8 --set lr=1e-3
 sae-lens-hierarchical train --config runner_cfg.json   # any SAELens runner config (architecture in it)
 sae-lens-hierarchical cache --preset gemma-3-270m      # only cache activations
 sae-lens-hierarchical evaluate results/gemma-3-270m/sae --ks 1,4,16,64
+sae-lens-hierarchical compare                    # HTopK vs TopK at each k, truncated TopK, Multi-TopK
 """
 
 from __future__ import annotations
@@ -15,21 +16,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
+from sae_lens import SAE, LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
 
 from sae_lens_hierarchical.evaluation import evaluate_over_k, format_markdown_table
-from sae_lens_hierarchical.hierarchical_topk_sae import HierarchicalTopKSAE
 from sae_lens_hierarchical.loading import load_sae
 from sae_lens_hierarchical.pipeline import (
+    BASELINES,
     DEFAULT_CACHE_ROOT,
     apply_overrides,
     prepare_embedded_activations,
+    run_comparison_job,
     run_training_job,
     write_report,
 )
 from sae_lens_hierarchical.presets import PRESETS, Preset, get_preset
 
 DEFAULT_PRESET = "gemma-3-270m"
+DOWNSTREAM_HELP = "held-out tokens for CE-loss/KL scores (0 skips them; default: the preset's)"
 
 
 def _positive_int(text: str) -> int:
@@ -41,6 +44,33 @@ def _positive_int(text: str) -> int:
 
 def _budgets(text: str) -> list[int]:
     return [_positive_int(part) for part in text.split(",") if part]
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an int >= 0; got {value}")
+    return value
+
+
+def _baselines(text: str) -> tuple[str, ...]:
+    names = tuple(part for part in text.split(",") if part)
+    unknown = sorted(set(names) - set(BASELINES))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown baselines {unknown}; allowed: {','.join(BASELINES)}")
+    return names
+
+
+def _add_override_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        type=_override,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a runner field (lr=1e-3) or an SAE field (sae.k=32); repeatable",
+    )
 
 
 def _override(text: str) -> tuple[str, Any]:
@@ -65,17 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", default=DEFAULT_PRESET, help=preset_help)
     train.add_argument("--config", type=Path, help="a SAELens runner config JSON (instead of a preset)")
     train.add_argument("--output-dir", type=Path, help="results directory (default results/<preset>)")
-    train.add_argument(
-        "--set",
-        dest="overrides",
-        type=_override,
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="override a runner field (lr=1e-3) or an SAE field (sae.k=32); repeatable",
-    )
+    _add_override_option(train)
     train.add_argument("--training-tokens", type=_positive_int, help="default: the preset's")
     train.add_argument("--eval-tokens", type=_positive_int, help="held-out tokens (default: the preset's)")
+    train.add_argument("--downstream-tokens", type=_non_negative_int, help=DOWNSTREAM_HELP)
     train.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_ROOT, help="activation caches")
     train.add_argument("--device", default="cpu")
     train.add_argument("--seed", type=int, default=0)
@@ -94,16 +117,58 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_ROOT)
     cache.add_argument("--device", default="cpu")
 
-    evaluate = commands.add_parser("evaluate", help="per-k table of a saved SAE on its preset's held-out text")
+    evaluate = commands.add_parser(
+        "evaluate", help="per-k table of a saved SAE (any TopK-family SAE: truncated) on its preset's held-out text"
+    )
     evaluate.add_argument("sae", help="SAE directory, or a Hugging Face repo id with --sae-id")
     evaluate.add_argument("--sae-id", help="the SAE's folder inside a repo")
     evaluate.add_argument("--preset", help="default: the preset matching the SAE's model and hook")
     evaluate.add_argument("--ks", type=_budgets, help="comma-separated budgets (default powers of two and K)")
     evaluate.add_argument("--eval-tokens", type=_positive_int)
+    evaluate.add_argument(
+        "--downstream-tokens", type=_non_negative_int, help="CE/KL tokens (0 skips; default preset's)"
+    )
     evaluate.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_ROOT)
     evaluate.add_argument("--output-dir", type=Path, help="also write per_k.md/.json/.png here")
     evaluate.add_argument("--device", default="cpu")
+
+    compare = commands.add_parser(
+        "compare", help="train HTopK and fixed-k baselines on identical activations; tables and plots per k"
+    )
+    compare.add_argument("--preset", default=DEFAULT_PRESET, help=preset_help)
+    compare.add_argument("--output-dir", type=Path, help="results directory (default results/<preset>-comparison)")
+    compare.add_argument("--budgets", type=_budgets, help="k's that get their own TopK SAE (default K/8,K/4,K/2,K)")
+    compare.add_argument(
+        "--baselines", type=_baselines, default=BASELINES, help=f"comma-separated, from {','.join(BASELINES)}"
+    )
+    _add_override_option(compare)
+    compare.add_argument("--training-tokens", type=_positive_int, help="per SAE (default: the preset's)")
+    compare.add_argument("--eval-tokens", type=_positive_int, help="held-out tokens (default: the preset's)")
+    compare.add_argument("--downstream-tokens", type=_non_negative_int, help=DOWNSTREAM_HELP)
+    compare.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_ROOT)
+    compare.add_argument("--device", default="cpu")
+    compare.add_argument("--seed", type=int, default=0)
+    compare.add_argument(
+        "--checkpoints",
+        type=_non_negative_int,
+        default=0,
+        help="checkpoints during training; rerunning the same command after a crash resumes from the newest",
+    )
+    compare.add_argument("--overwrite", action="store_true", help="replace an existing results directory")
     return parser
+
+
+def _job_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The options ``train`` and ``compare`` share, as keyword arguments of their jobs."""
+    return {
+        "training_tokens": args.training_tokens,
+        "eval_tokens": args.eval_tokens,
+        "downstream_tokens": args.downstream_tokens,
+        "cache_root": args.cache_dir,
+        "device": args.device,
+        "seed": args.seed,
+        "overwrite": args.overwrite,
+    }
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -121,13 +186,8 @@ def _train(args: argparse.Namespace) -> None:
         preset,
         output_dir,
         overrides=overrides,
-        training_tokens=args.training_tokens,
-        eval_tokens=args.eval_tokens,
-        cache_root=args.cache_dir,
-        device=args.device,
         wandb=args.wandb,
-        seed=args.seed,
-        overwrite=args.overwrite,
+        **_job_settings(args),
     )
     if result.results:
         print(f"\nHeld-out reconstruction at every budget k ({preset.name}, special tokens excluded):\n")
@@ -150,7 +210,7 @@ def _cache(args: argparse.Namespace) -> None:
         print(f"{name}: {cache.key.n_tokens} tokens at {cache.activations_path}")
 
 
-def _preset_for(sae: HierarchicalTopKSAE, name: str | None) -> Preset:
+def _preset_for(sae: SAE[Any], name: str | None) -> Preset:
     if name is not None:
         return get_preset(name)
     metadata = sae.cfg.metadata
@@ -164,8 +224,6 @@ def _preset_for(sae: HierarchicalTopKSAE, name: str | None) -> Preset:
 
 def _evaluate(args: argparse.Namespace) -> None:
     sae = load_sae(args.sae, args.sae_id, device=args.device)
-    if not isinstance(sae, HierarchicalTopKSAE):
-        raise ValueError(f"{args.sae} is a {type(sae).__name__}, not a hierarchical_topk SAE")
     preset = _preset_for(sae, args.preset)
     if not preset.embedded:
         raise ValueError(f"preset {preset.name!r} has no embedded held-out corpus to evaluate on")
@@ -173,16 +231,43 @@ def _evaluate(args: argparse.Namespace) -> None:
     activations = prepare_embedded_activations(
         preset, model, eval_tokens=args.eval_tokens or preset.eval_tokens, cache_root=args.cache_dir
     )
-    results = evaluate_over_k(sae, activations.held_out_activations(), ks=args.ks)
+    downstream_tokens = preset.downstream_eval_tokens if args.downstream_tokens is None else args.downstream_tokens
+    tokens = activations.held_out_tokens(downstream_tokens) if downstream_tokens else None
+    results = evaluate_over_k(
+        sae,
+        activations.held_out_activations(),
+        ks=args.ks,
+        model=model if tokens is not None else None,
+        tokens=tokens,
+        exclude_token_ids=activations.special_token_ids,
+    )
     print(format_markdown_table(results))
     if args.output_dir is not None:
         args.output_dir.mkdir(parents=True, exist_ok=True)
-        write_report(results, args.output_dir, title=f"HierarchicalTopK on {preset.model_name} ({preset.hook_name})")
+        title = f"{sae.cfg.architecture()} SAE on {preset.model_name} ({preset.hook_name})"
+        write_report(results, args.output_dir, title=title)
+
+
+def _compare(args: argparse.Namespace) -> None:
+    preset = get_preset(args.preset)
+    output_dir = args.output_dir or Path("results") / f"{preset.name}-comparison"
+    result = run_comparison_job(
+        preset,
+        output_dir,
+        budgets=args.budgets,
+        baselines=args.baselines,
+        overrides=dict(args.overrides),
+        n_checkpoints=args.checkpoints,
+        **_job_settings(args),
+    )
+    if result.results:
+        print((result.output_dir / "comparison.md").read_text())
+    print(f"\nSAEs in {result.output_dir / 'saes'}; report in {result.output_dir}. Took {result.seconds / 60:.1f} min.")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    handlers = {"train": _train, "cache": _cache, "evaluate": _evaluate}
+    handlers = {"train": _train, "cache": _cache, "evaluate": _evaluate, "compare": _compare}
     try:
         handlers[args.command](args)
     except (ValueError, FileNotFoundError) as error:  # bad settings: one clear line, no traceback

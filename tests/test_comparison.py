@@ -1,0 +1,134 @@
+"""The baseline suite: fair training (same init, same batches), a report that matches re-evaluation, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sae_lens_hierarchical import HierarchicalTopKSAE, load_sae, presets
+from sae_lens_hierarchical.cli import main
+from sae_lens_hierarchical.evaluation import evaluate_over_k
+from sae_lens_hierarchical.pipeline import (
+    SuiteMember,
+    baseline_suite,
+    prepare_embedded_activations,
+    run_comparison_job,
+    train_suite,
+)
+
+TINY = presets.get_preset(presets.TINY_MODEL_NAME)
+SMALL_SAE = {"sae.d_sae": 64, "sae.k": 8}
+
+
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(directory / "sae_weights.safetensors")
+
+
+def test_default_suite_members() -> None:
+    members = {m.name: m for m in baseline_suite(64, [8, 16, 32, 64])}
+    assert list(members) == ["htopk-k64", "topk-k8", "topk-k16", "topk-k32", "topk-k64", "multi-topk-k16-k64"]
+    assert members["htopk-k64"].sae_overrides == {}
+    assert members["htopk-k64"].eval_ks == [1, 2, 4, 8, 16, 32, 64]
+    assert members["topk-k16"].sae_overrides == {"k": 16, "hierarchy_levels": [16], "hierarchy_weights": None}
+    assert members["topk-k16"].eval_ks == [16]
+    assert members["topk-k64"].family == "topk_truncated"
+    assert members["topk-k64"].eval_ks == [1, 2, 4, 8, 16, 32, 64]
+    assert members["multi-topk-k16-k64"].sae_overrides["hierarchy_weights"] == [1.0, 0.125]
+    assert [m.name for m in baseline_suite(64, [8], ("topk",))] == ["htopk-k64", "topk-k8", "topk-k64"]
+
+
+@pytest.mark.parametrize(
+    ("budgets", "baselines", "message"),
+    [([0, 8], ("topk",), "1..K=64"), ([128], ("topk",), "1..K=64"), ([8], ("batch_topk",), "unknown baselines")],
+)
+def test_bad_suites_name_the_value(budgets: list[int], baselines: tuple[str, ...], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        baseline_suite(64, budgets, baselines)
+
+
+@pytest.mark.parametrize("source", ["cache", "language_model"])
+def test_suite_members_start_identical_and_see_identical_batches(tmp_path: Path, source: str) -> None:
+    """Two identically configured members end bit-identical; a TopK member at K equals HTopK with levels=[K]."""
+    model = TINY.load_model("cpu")
+    cfg = TINY.runner_config(None, training_tokens=12_800, sae_overrides={"d_sae": 64, "k": 8})
+    members = [
+        SuiteMember("topk-a", "topk_fixed", {"k": 4, "hierarchy_levels": [4]}, [4]),
+        SuiteMember("topk-b", "topk_fixed", {"k": 4, "hierarchy_levels": [4]}, [4]),
+        SuiteMember("htopk", "hierarchical", {}, [8]),
+        SuiteMember("topk-at-K", "topk_truncated", {"hierarchy_levels": [8]}, [8]),
+        SuiteMember("htopk-single-level", "hierarchical", {"hierarchy_levels": [8]}, [8]),
+    ]
+    if source == "cache":
+        activations = prepare_embedded_activations(
+            TINY, model, 1000, 12_800, cache_root=tmp_path / "cache", progress=False
+        )
+        sae_dirs = train_suite(cfg, members, model, activations, tmp_path / "saes", seed=3)
+    else:
+        dataset = presets.tiny_token_dataset(500, TINY.context_size, seed=0)
+        sae_dirs = train_suite(cfg, members, model, None, tmp_path / "saes", seed=3, dataset=dataset)
+    trained = {name: weights(directory) for name, directory in sae_dirs.items()}
+    for name in trained["topk-a"]:
+        torch.testing.assert_close(trained["topk-a"][name], trained["topk-b"][name], rtol=0, atol=0)
+        torch.testing.assert_close(trained["topk-at-K"][name], trained["htopk-single-level"][name], rtol=0, atol=0)
+    assert not torch.equal(trained["htopk"]["W_dec"], trained["topk-at-K"]["W_dec"]), "objectives must differ"
+    for name, directory in sae_dirs.items():
+        sae = load_sae(directory)
+        assert isinstance(sae, HierarchicalTopKSAE)
+        assert sae.cfg.metadata.hook_name == TINY.hook_name
+        assert (directory / "sparsity.safetensors").is_file(), name
+
+
+def test_comparison_job_report_matches_reevaluation(tmp_path: Path) -> None:
+    output, cache = tmp_path / "comparison", tmp_path / "cache"
+    result = run_comparison_job(
+        TINY,
+        output,
+        budgets=[2, 8],
+        overrides=SMALL_SAE,
+        training_tokens=12_800,
+        eval_tokens=3000,
+        downstream_tokens=256,
+        cache_root=cache,
+        progress=False,
+    )
+    names = ["htopk-k8", "topk-k2", "topk-k8", "multi-topk-k2-k8"]
+    assert sorted(p.name for p in (output / "saes").iterdir()) == sorted(names)
+    assert {"comparison.md", "comparison.json", "comparison_fvu.png", "comparison_ce.png", "job.json"} <= {
+        p.name for p in output.iterdir()
+    }
+    assert (output / "comparison_ce.png").read_bytes().startswith(b"\x89PNG")
+    report = json.loads((output / "comparison.json").read_text())
+    assert list(report["saes"]) == names
+    activations = prepare_embedded_activations(TINY, TINY.load_model("cpu"), 3000, cache_root=cache, progress=False)
+    for name in names:
+        sae = load_sae(output / "saes" / name)
+        recorded = report["saes"][name]["results"]
+        fresh = evaluate_over_k(sae, activations.held_out_activations(), ks=[r["k"] for r in recorded], progress=False)
+        assert [r["fvu"] for r in recorded] == pytest.approx([r.fvu for r in fresh], rel=1e-6)
+        assert all(r["ce_loss_score"] is not None for r in recorded)
+    assert result.results["topk-k2"][0].k == 2
+    assert [r["k"] for r in report["saes"]["topk-k8"]["results"]] == [1, 2, 4, 8]  # truncated to every k
+    table = (output / "comparison.md").read_text()
+    assert "| 2 |" in table and "CE-loss score" in table and "HierarchicalTopK against each baseline" in table
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "comparison"], "no scratch directory may be left"
+
+
+def test_compare_cli_refuses_bad_settings_before_writing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    output = tmp_path / "out"
+    common = ["compare", "--preset", "tiny-random", "--output-dir", str(output), "--cache-dir", str(tmp_path / "c")]
+    with pytest.raises(SystemExit, match=r"comparison budgets must be in 1\.\.K=16"):
+        main([*common, "--budgets", "4,32"])
+    with pytest.raises(SystemExit):
+        main([*common, "--baselines", "topk,batch_topk"])
+    assert "unknown baselines ['batch_topk']" in capsys.readouterr().err
+    assert not output.exists()
+    main([*common, "--budgets", "4", "--baselines", "topk", "--training-tokens", "6400", "--downstream-tokens", "0"])
+    printed = capsys.readouterr().out
+    assert "FVU (lower is better)" in printed and "CE-loss score" not in printed
+    assert sorted(p.name for p in (output / "saes").iterdir()) == ["htopk-k16", "topk-k16", "topk-k4"]
+    with pytest.raises(SystemExit, match="not empty"):
+        main([*common, "--budgets", "4"])
