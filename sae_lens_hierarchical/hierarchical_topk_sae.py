@@ -13,9 +13,13 @@ and SAE, and the training config and SAE. The loss math lives in :mod:`sae_lens_
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import torch
@@ -120,6 +124,41 @@ class NestedTopK(nn.Module):
         return torch.zeros_like(hidden_pre).scatter_(-1, indices[..., :k], values[..., :k])
 
 
+def check_sae_input(sae_in: torch.Tensor, d_in: int, reshape_activations: str = "none") -> None:
+    """Refuse integer/bool inputs and a last dimension other than ``d_in`` with one clear message."""
+    if not sae_in.is_floating_point():
+        raise ValueError(
+            f"SAE input must be a floating-point tensor (float16, bfloat16, float32, float64); got {sae_in.dtype}"
+        )
+    width = sae_in.shape[-1] if sae_in.ndim else 0
+    if reshape_activations == "hook_z" and sae_in.ndim >= 2:
+        width = sae_in.shape[-2] * sae_in.shape[-1]
+    if sae_in.ndim == 0 or width != d_in:
+        raise ValueError(f"SAE input must have last dimension d_in={d_in}; got shape {tuple(sae_in.shape)}")
+
+
+def save_files_atomically(path: str | Path, save: Callable[[Path], tuple[Path, Path]]) -> tuple[Path, Path]:
+    """Run SAELens's ``save(directory)`` into a staging directory inside ``path``, then rename each file into place.
+
+    A crash mid-save leaves every file in ``path`` either wholly old or wholly new, never truncated, so the
+    previous save stays loadable. The weights are moved before the config, which SAELens reads first.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=path))
+    try:
+        staged = save(staging)
+        for file in staged:
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+        final = tuple(path / file.name for file in staged)
+        for file, target in zip(staged, final, strict=True):
+            os.replace(file, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final[0], final[1]
+
+
 T_CFG = TypeVar("T_CFG", "HierarchicalTopKSAEConfig", "HierarchicalTopKTrainingSAEConfig")
 
 
@@ -164,6 +203,15 @@ class _VariableKMixin(Generic[T_CFG]):
         if not self.cfg.rescale_acts_by_decoder_norm:
             return top_acts
         return top_acts / self.W_dec.norm(dim=-1)[top_indices]
+
+    def process_sae_in(self, sae_in: torch.Tensor) -> torch.Tensor:
+        """SAELens's input processing, after checking the input so a wrong tensor fails with its shape named."""
+        check_sae_input(sae_in, self.cfg.d_in, self.cfg.reshape_activations)
+        return super().process_sae_in(sae_in)  # type: ignore[misc]
+
+    def save_model(self, path: str | Path) -> tuple[Path, Path]:
+        """SAELens's ``save_model``, with each file replaced atomically (see :func:`save_files_atomically`)."""
+        return save_files_atomically(path, super().save_model)  # type: ignore[misc]
 
     @torch.no_grad()
     def encode_top_k(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -363,6 +411,10 @@ class HierarchicalTopKTrainingSAE(_VariableKMixin[HierarchicalTopKTrainingSAECon
         self.levels = cfg.levels
         self.level_weights = cfg.level_weights
         self._logged_level_positions = _logged_level_positions(self.levels)
+
+    def save_inference_model(self, path: str | Path) -> tuple[Path, Path]:
+        """SAELens's ``save_inference_model``, with each file replaced atomically."""
+        return save_files_atomically(path, super().save_inference_model)
 
     @override
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:

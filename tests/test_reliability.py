@@ -1,0 +1,236 @@
+"""Crashes and bad inputs as a user meets them: SIGKILLed training, saves and caches; concurrent caches; bad tensors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sae_lens_hierarchical import (
+    HierarchicalTopKSAE,
+    HierarchicalTopKSAEConfig,
+    HierarchicalTopKTrainingSAE,
+    HierarchicalTopKTrainingSAEConfig,
+    load_sae,
+    presets,
+)
+from sae_lens_hierarchical.activation_cache import ActivationCacheKey, hook_activations, open_cache
+from sae_lens_hierarchical.pipeline import CHECKPOINT_MARKER, latest_checkpoint, run_comparison_job
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY = presets.get_preset(presets.TINY_MODEL_NAME)
+
+
+def start_python(script: str, *args: str) -> subprocess.Popen[str]:
+    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script), *args],
+        env=environment,
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def kill_when(process: subprocess.Popen[str], ready: object, timeout: float = 120) -> None:
+    """SIGKILL ``process`` as soon as ``ready()`` is true; fail if it ends or times out first."""
+    deadline = time.monotonic() + timeout
+    while not ready():  # type: ignore[operator]
+        if process.poll() is not None:
+            pytest.fail(f"process ended before it could be killed: {process.communicate()[1][-3000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("timed out waiting to kill the process")
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize(
+    ("sae_class", "cfg_class"),
+    [
+        (HierarchicalTopKSAE, HierarchicalTopKSAEConfig),
+        (HierarchicalTopKTrainingSAE, HierarchicalTopKTrainingSAEConfig),
+    ],
+)
+def test_wrong_inputs_are_refused_with_their_shape_or_dtype(sae_class: type, cfg_class: type) -> None:
+    sae = sae_class(cfg_class(d_in=8, d_sae=32, k=4))
+    with pytest.raises(ValueError, match=r"last dimension d_in=8; got shape \(5, 7\)"):
+        sae.encode(torch.zeros(5, 7))
+    with pytest.raises(ValueError, match=r"last dimension d_in=8; got shape \(2, 3, 9\)"):
+        sae(torch.zeros(2, 3, 9))
+    with pytest.raises(ValueError, match=r"floating-point tensor .* got torch.int64"):
+        sae.encode(torch.zeros(5, 8, dtype=torch.long))
+    # float64 input is accepted and computed in the SAE's dtype, as in SAELens.
+    assert sae.encode(torch.randn(5, 8, dtype=torch.float64)).dtype == torch.float32
+
+
+SAVE_AND_HANG = """
+import sys, time
+import safetensors.torch
+import sae_lens.saes.sae as sae_module
+import torch
+from sae_lens_hierarchical import HierarchicalTopKTrainingSAE, HierarchicalTopKTrainingSAEConfig
+
+def half_written(tensors, filename, metadata=None):
+    safetensors.torch.save_file(tensors, filename, metadata)
+    with open(filename, "r+b") as handle:
+        handle.truncate(100)
+    print("writing", flush=True)
+    time.sleep(120)
+
+sae_module.save_file = half_written
+torch.manual_seed(1)
+sae = HierarchicalTopKTrainingSAE(HierarchicalTopKTrainingSAEConfig(d_in=8, d_sae=32, k=4))
+getattr(sae, sys.argv[2])(sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("method", ["save_inference_model", "save_model"])
+def test_save_killed_midway_leaves_the_previous_version_loadable(tmp_path: Path, method: str) -> None:
+    torch.manual_seed(0)
+    previous = HierarchicalTopKTrainingSAE(HierarchicalTopKTrainingSAEConfig(d_in=8, d_sae=32, k=4))
+    getattr(previous, method)(tmp_path)
+    before = load_file(tmp_path / "sae_weights.safetensors")
+    process = start_python(SAVE_AND_HANG, str(tmp_path), method)
+    assert process.stdout is not None
+    kill_when(process, lambda: process.stdout.readline().strip() == "writing")  # type: ignore[union-attr]
+    after = load_file(tmp_path / "sae_weights.safetensors")
+    assert after.keys() == before.keys()
+    for name in before:
+        assert torch.equal(after[name], before[name]), name
+    if method == "save_inference_model":
+        assert isinstance(load_sae(tmp_path), HierarchicalTopKSAE)
+
+
+FILL_CACHE = """
+import sys, time
+from sae_lens_hierarchical import activation_cache, presets
+from sae_lens_hierarchical.activation_cache import ActivationCacheKey, cache_activations
+
+slow = len(sys.argv) > 2
+if slow:  # pause after each shard so a test can kill the process between shards
+    original = activation_cache._save_atomically
+    def save_then_pause(dataset, target):
+        original(dataset, target)
+        print("saved", target.name, flush=True)
+        time.sleep(30)
+    activation_cache._save_atomically = save_then_pause
+key = ActivationCacheKey(presets.TINY_MODEL_NAME, presets.TINY_HOOK_NAME, "zipf-concurrent", 32, 48)
+sequences = presets.tiny_token_dataset(48, 32, seed=5)
+cache = cache_activations(presets.tiny_random_model(), sequences, key, sys.argv[1], shard_sequences=8, progress=False)
+print("done", cache.directory, flush=True)
+"""
+
+
+def expected_cache_contents() -> tuple[ActivationCacheKey, torch.Tensor]:
+    key = ActivationCacheKey(presets.TINY_MODEL_NAME, presets.TINY_HOOK_NAME, "zipf-concurrent", 32, 48)
+    tokens = torch.tensor(presets.tiny_token_dataset(48, 32, seed=5)["input_ids"])
+    return key, hook_activations(presets.tiny_random_model(), tokens, key.hook_name)
+
+
+def test_two_processes_filling_one_cache_agree_and_leave_it_whole(tmp_path: Path) -> None:
+    processes = [start_python(FILL_CACHE, str(tmp_path)) for _ in range(2)]
+    outputs = [process.communicate(timeout=300) for process in processes]
+    for process, (stdout, stderr) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, stderr[-3000:]
+        assert stdout.startswith("done")
+    assert outputs[0][0] == outputs[1][0], "both processes must return the same cache"
+    key, expected = expected_cache_contents()
+    cache = open_cache(tmp_path, key)
+    assert cache is not None
+    torch.testing.assert_close(cache.load()[:][key.hook_name], expected)
+
+
+def test_cache_fill_killed_between_shards_resumes_and_is_complete(tmp_path: Path) -> None:
+    key, expected = expected_cache_contents()
+    process = start_python(FILL_CACHE, str(tmp_path), "slow")
+    assert process.stdout is not None
+    kill_when(process, lambda: process.stdout.readline().startswith("saved shard_00001"))  # type: ignore[union-attr]
+    assert open_cache(tmp_path, key) is None, "a killed fill must not look complete"
+    finished = start_python(FILL_CACHE, str(tmp_path))
+    _, stderr = finished.communicate(timeout=300)
+    assert finished.returncode == 0, stderr[-3000:]
+    cache = open_cache(tmp_path, key)
+    assert cache is not None
+    torch.testing.assert_close(cache.load()[:][key.hook_name], expected)
+
+
+COMPARE_SLOWLY = """
+import sys, time
+from pathlib import Path
+from sae_lens.training.sae_trainer import SAETrainer
+from sae_lens_hierarchical import presets
+from sae_lens_hierarchical.pipeline import run_comparison_job
+
+original_step = SAETrainer.step
+def slow_step(self, batch):
+    time.sleep(0.02)
+    return original_step(self, batch)
+SAETrainer.step = slow_step
+run_comparison_job(presets.get_preset(presets.TINY_MODEL_NAME), Path(sys.argv[1]), budgets=[4], baselines=("topk",),
+                   overrides={"sae.d_sae": 64, "sae.k": 8}, training_tokens=25_600, eval_tokens=1000,
+                   downstream_tokens=0, cache_root=Path(sys.argv[2]), progress=False, n_checkpoints=4)
+"""
+
+COMPARISON = {
+    "budgets": [4],
+    "baselines": ("topk",),
+    "overrides": {"sae.d_sae": 64, "sae.k": 8},
+    "training_tokens": 25_600,
+    "eval_tokens": 1000,
+    "downstream_tokens": 0,
+    "progress": False,
+}
+
+
+def test_killed_training_resumes_to_the_uninterrupted_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "cache"
+    run_comparison_job(TINY, tmp_path / "uninterrupted", cache_root=cache, **COMPARISON)  # type: ignore[arg-type]
+
+    output = tmp_path / "resumed"
+    checkpoints = tmp_path / ".resumed.checkpoints"
+    process = start_python(COMPARE_SLOWLY, str(output), str(cache))
+    kill_when(process, lambda: any(checkpoints.glob(f"*/{CHECKPOINT_MARKER}")))
+    assert not output.exists(), "a killed job must not leave a results directory"
+
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    steps: list[int] = []
+    original_step = SAETrainer.step
+
+    def counting_step(self: SAETrainer, batch: torch.Tensor) -> object:
+        steps.append(1)
+        return original_step(self, batch)
+
+    monkeypatch.setattr(SAETrainer, "step", counting_step)
+    run_comparison_job(TINY, output, cache_root=cache, n_checkpoints=4, **COMPARISON)  # type: ignore[arg-type]
+    total_steps = 3 * 25_600 // TINY.train_batch_size_tokens  # three SAEs
+    assert 0 < len(steps) < total_steps, "the rerun must resume, not start over"
+    for name in ("htopk-k8", "topk-k4", "topk-k8"):
+        resumed = load_file(output / "saes" / name / "sae_weights.safetensors")
+        reference = load_file(tmp_path / "uninterrupted" / "saes" / name / "sae_weights.safetensors")
+        for tensor in reference:
+            torch.testing.assert_close(resumed[tensor], reference[tensor], rtol=0, atol=0)
+    assert not checkpoints.exists(), "checkpoints are removed once the job has succeeded"
+
+
+def test_checkpoint_of_other_settings_is_refused(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "1024"
+    checkpoint.mkdir()
+    (checkpoint / CHECKPOINT_MARKER).write_text('{"n_training_steps": 4, "settings": {"seed": 1}}')
+    with pytest.raises(ValueError, match="different settings; delete"):
+        latest_checkpoint(tmp_path, {"seed": 2})
+    assert latest_checkpoint(tmp_path, {"seed": 1}) == checkpoint
+    (tmp_path / "2048").mkdir()  # killed while writing: no marker, ignored
+    assert latest_checkpoint(tmp_path, {"seed": 1}) == checkpoint
