@@ -456,6 +456,13 @@ class HierarchicalTopKTrainingSAE(_VariableKMixin[HierarchicalTopKTrainingSAECon
             sae_out=result.reconstruction,
         )
         losses = {"mse_loss": result.loss, **aux_losses}
+        loss = sum(losses.values(), torch.zeros((), device=sae_in.device))
+        if not bool(torch.isfinite(loss)):  # raising before backward keeps the last finite weights
+            raise ValueError(
+                f"training diverged: non-finite loss ({float(loss)}) at training step {step_input.n_training_steps}, "
+                f"hook {self.cfg.metadata.hook_name!r}; the weights are still those of the previous step. Lower the "
+                "learning rate or check the activations' scale (normalize_activations='expected_average_only_in')"
+            )
         metrics: dict[str, Any] = {
             f"mse_at_k_{self.levels[position]}": result.level_mse[position] for position in self._logged_level_positions
         }
@@ -464,7 +471,7 @@ class HierarchicalTopKTrainingSAE(_VariableKMixin[HierarchicalTopKTrainingSAECon
             sae_out=result.reconstruction,
             feature_acts=feature_acts,
             hidden_pre=hidden_pre,
-            loss=sum(losses.values(), torch.zeros((), device=sae_in.device)),
+            loss=loss,
             losses=losses,
             metrics=metrics,
         )

@@ -75,6 +75,25 @@ def test_wrong_inputs_are_refused_with_their_shape_or_dtype(sae_class: type, cfg
     assert sae.encode(torch.randn(5, 8, dtype=torch.float64)).dtype == torch.float32
 
 
+def test_diverged_training_stops_before_the_weights_change() -> None:
+    from sae_lens.saes.sae import TrainStepInput
+
+    sae = HierarchicalTopKTrainingSAE(HierarchicalTopKTrainingSAEConfig(d_in=8, d_sae=32, k=4))
+    sae.cfg.metadata.hook_name = "blocks.0.hook_resid_post"
+    with torch.no_grad():
+        sae.W_dec.fill_(1e30)  # finite weights whose reconstruction error overflows
+    before = {name: tensor.clone() for name, tensor in sae.state_dict().items()}
+    step = TrainStepInput(
+        sae_in=torch.randn(16, 8), coefficients={}, dead_neuron_mask=None, n_training_steps=7, is_logging_step=False
+    )
+    with pytest.raises(
+        ValueError, match=r"non-finite loss \((inf|nan)\) at training step 7, hook 'blocks.0.hook_resid_post'"
+    ):
+        sae.training_forward_pass(step)
+    for name, tensor in sae.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
 SAVE_AND_HANG = """
 import sys, time
 import safetensors.torch
