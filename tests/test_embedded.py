@@ -10,7 +10,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from sae_lens_hierarchical import HierarchicalTopKSAE, load_sae, presets
-from sae_lens_hierarchical.pipeline import run_training_job
+from sae_lens_hierarchical.pipeline import run_comparison_job, run_training_job
 
 
 def test_pack_token_sequences_rows_start_with_bos_and_keep_every_token() -> None:
@@ -31,6 +31,15 @@ def test_pack_token_sequences_rows_start_with_bos_and_keep_every_token() -> None
 @pytest.fixture(scope="module")
 def gemma() -> HookedTransformer:
     return presets.load_gemma_3_270m()
+
+
+@pytest.fixture(scope="module")
+def gemma_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One activation cache for this module's small Gemma jobs (same preset and token counts: cached once)."""
+    return tmp_path_factory.mktemp("gemma-cache")
+
+
+SMALL_GEMMA_SAE = {"sae.d_sae": 1024, "sae.k": 16, "train_batch_size_tokens": 256, "lr": 3e-3}
 
 
 @pytest.mark.slow
@@ -59,16 +68,17 @@ def test_wikipedia_corpus_is_embedded() -> None:
 
 
 @pytest.mark.slow
-def test_small_training_job_on_gemma_3_270m(tmp_path: Path, gemma: HookedTransformer) -> None:
+def test_small_training_job_on_gemma_3_270m(tmp_path: Path, gemma: HookedTransformer, gemma_cache: Path) -> None:
     """The README's main job at a small size: cache, train from the cache, evaluate held-out text."""
     preset = presets.get_preset("gemma-3-270m")
     result = run_training_job(
         preset,
         tmp_path / "run",
-        overrides={"sae.d_sae": 1024, "sae.k": 16, "train_batch_size_tokens": 256, "lr": 3e-3},
+        overrides=SMALL_GEMMA_SAE,
         training_tokens=40_000,
         eval_tokens=4_000,
-        cache_root=tmp_path / "cache",
+        downstream_tokens=512,
+        cache_root=gemma_cache,
         wandb="disabled",
         progress=False,
         model=gemma,
@@ -82,3 +92,30 @@ def test_small_training_job_on_gemma_3_270m(tmp_path: Path, gemma: HookedTransfo
     assert [r.k for r in result.results] == [1, 2, 4, 8, 16]
     assert all(b < a for a, b in itertools.pairwise(fvus)), fvus
     assert result.results[-1].explained_variance > 0.5, result.results
+    # Spliced into Gemma, more latents bring the next-token loss closer to the clean model's.
+    ce_scores = [r.ce_loss_score for r in result.results]
+    assert ce_scores[0] < ce_scores[-1] <= 1.05, ce_scores  # type: ignore[operator]
+
+
+@pytest.mark.slow
+def test_small_comparison_on_gemma_3_270m(tmp_path: Path, gemma: HookedTransformer, gemma_cache: Path) -> None:
+    """The README's comparison at a small size: at k = 1 the HTopK SAE beats the TopK SAE trained at K."""
+    result = run_comparison_job(
+        presets.get_preset("gemma-3-270m"),
+        tmp_path / "comparison",
+        budgets=[4],
+        baselines=("topk",),
+        overrides=SMALL_GEMMA_SAE,
+        training_tokens=40_000,
+        eval_tokens=4_000,
+        downstream_tokens=256,
+        cache_root=gemma_cache,
+        progress=False,
+        model=gemma,
+    )
+    assert sorted(result.results) == ["htopk-k16", "topk-k16", "topk-k4"]
+    htopk, truncated = result.results["htopk-k16"], result.results["topk-k16"]
+    assert [r.k for r in htopk] == [r.k for r in truncated] == [1, 2, 4, 8, 16]
+    assert htopk[0].fvu < truncated[0].fvu, (htopk[0], truncated[0])
+    assert all(r.ce_loss_score is not None for r in htopk)
+    assert (tmp_path / "comparison" / "comparison_ce.png").is_file()
