@@ -132,3 +132,23 @@ def test_compare_cli_refuses_bad_settings_before_writing(tmp_path: Path, capsys:
     assert sorted(p.name for p in (output / "saes").iterdir()) == ["htopk-k16", "topk-k16", "topk-k4"]
     with pytest.raises(SystemExit, match="not empty"):
         main([*common, "--budgets", "4"])
+
+
+def test_comparison_is_reproducible_with_the_same_command(tmp_path: Path) -> None:
+    """The README's numbers must come back from its command: two runs give identical reports."""
+    reports = []
+    for name in ("first", "second"):
+        run_comparison_job(
+            TINY,
+            tmp_path / name,
+            budgets=[4],
+            baselines=("topk",),
+            overrides=SMALL_SAE,
+            training_tokens=6400,
+            eval_tokens=2000,
+            downstream_tokens=128,
+            cache_root=tmp_path / "cache",
+            progress=False,
+        )
+        reports.append(json.loads((tmp_path / name / "comparison.json").read_text()))
+    assert reports[0] == reports[1]
