@@ -1,12 +1,20 @@
-"""Property tests (hypothesis): fused == reference on random problems; budgets are nested for any input."""
+"""Property tests (hypothesis): fused == reference; budgets are nested; save/load keeps every budget's output."""
 
 from __future__ import annotations
+
+import tempfile
 
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sae_lens_hierarchical import HierarchicalTopKSAE, HierarchicalTopKSAEConfig
+from sae_lens_hierarchical import (
+    HierarchicalTopKSAE,
+    HierarchicalTopKSAEConfig,
+    HierarchicalTopKTrainingSAE,
+    HierarchicalTopKTrainingSAEConfig,
+    load_sae,
+)
 from sae_lens_hierarchical.losses import hierarchical_mse_fused, hierarchical_mse_reference
 
 
@@ -82,3 +90,34 @@ def test_budgets_are_nested_for_any_input(k: int, extra_latents: int, n_tokens: 
         if previous is not None:
             assert (previous <= active).all(), f"top-{budget - 1} set not inside top-{budget} set"
         previous = active
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    k=st.integers(1, 8),
+    extra_latents=st.integers(0, 20),
+    d_in=st.integers(1, 10),
+    rescale=st.booleans(),
+    decoder_scale=st.floats(0.1, 10.0),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_save_load_round_trip_keeps_every_prefix_reconstruction(
+    k: int, extra_latents: int, d_in: int, rescale: bool, decoder_scale: float, seed: int
+) -> None:
+    """Whatever the sizes and decoder norms, the saved SAE reconstructs exactly like the trained one at every k."""
+    torch.manual_seed(seed)
+    training = HierarchicalTopKTrainingSAE(
+        HierarchicalTopKTrainingSAEConfig(d_in=d_in, d_sae=k + extra_latents, k=k, rescale_acts_by_decoder_norm=rescale)
+    )
+    with torch.no_grad():
+        training.W_dec.mul_(decoder_scale * (torch.rand(k + extra_latents, 1) + 0.5))
+        training.b_enc.normal_()
+        training.b_dec.normal_()
+    x = torch.randn(16, d_in) * 3
+    with tempfile.TemporaryDirectory() as directory:
+        training.save_inference_model(directory)
+        loaded = load_sae(directory)
+    for budget in range(1, k + 1):
+        with training.use_k(budget), loaded.use_k(budget):
+            torch.testing.assert_close(loaded(x), training(x), rtol=1e-4, atol=1e-4)
+            assert torch.equal(loaded.encode(x) != 0, training.encode(x) != 0)
