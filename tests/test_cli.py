@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sae_lens_hierarchical import HierarchicalTopKSAE, load_sae
+from sae_lens_hierarchical import HierarchicalTopKSAE, load_sae, presets
 from sae_lens_hierarchical.cli import main
 
 TINY_TRAIN = ["--preset", "tiny-random", "--training-tokens", "8000", "--eval-tokens", "2000", "--wandb", "disabled"]
@@ -97,3 +97,32 @@ def test_wandb_offline_run_lands_in_the_results_directory(tmp_path: Path, monkey
     main(["train", *options, "--output-dir", str(output), "--cache-dir", str(tmp_path / "cache"), "--set", "sae.k=4"])
     assert list((output / "wandb").glob("offline-run-*")), "the offline wandb run belongs to the results"
     assert "WANDB_DIR" not in os.environ, "the job must not leave wandb settings behind"
+
+
+def test_evaluate_accepts_a_sae_lens_topk_sae(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`evaluate` works on any TopK-family SAE (truncated to each k), matched to its preset by metadata."""
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    cfg = TopKSAEConfig(d_in=32, d_sae=64, k=8)
+    cfg.metadata.model_name, cfg.metadata.hook_name = presets.TINY_MODEL_NAME, presets.TINY_HOOK_NAME
+    TopKSAE(cfg).save_model(tmp_path / "topk")
+    main(
+        [
+            "evaluate",
+            str(tmp_path / "topk"),
+            "--ks",
+            "2,8",
+            "--eval-tokens",
+            "2000",
+            "--downstream-tokens",
+            "64",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--output-dir",
+            str(tmp_path / "eval"),
+        ]
+    )
+    assert "| 2 | 2.00 |" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "eval" / "per_k.json").read_text())
+    assert [row["k"] for row in rows] == [2, 8]
+    assert all(row["ce_loss_score"] is not None for row in rows)
