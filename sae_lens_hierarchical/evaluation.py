@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformer_lens.hook_points import HookedRootModule
 
 from sae_lens_hierarchical.hierarchical_topk_sae import _VariableKMixin, validate_k
+from sae_lens_hierarchical.loading import load_sae
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ def prefix_reconstructions(
 
 @torch.no_grad()
 def evaluate_over_k(
-    sae: SAE[Any],
+    sae: SAE[Any] | str | Path,
     activations: torch.Tensor,
     ks: list[int] | None = None,
     batch_size: int = 1024,
@@ -115,13 +116,16 @@ def evaluate_over_k(
     """Metrics of ``sae`` at each budget in ``ks`` (default: powers of two up to K, and K), in one pass.
 
     Args:
-        sae: a HierarchicalTopK SAE, or any SAELens SAE (evaluated truncated to its top-k activations).
+        sae: a HierarchicalTopK SAE, or any SAELens SAE (evaluated truncated to its top-k activations); in
+            memory, or a saved SAE's directory (loaded with :func:`sae_lens_hierarchical.load_sae`).
         activations: ``[tokens, d_in]`` activations at the SAE's hook, in the units the SAE was saved in.
         ks: budgets in 1..K (required for SAEs without a ``k``).
         model, tokens: with both, also CE-loss and KL scores per k with the SAE spliced into ``model`` at
             ``hook_name`` (default: the SAE's metadata) on ``tokens`` ``[sequences, context]``.
         exclude_token_ids: tokens (e.g. BOS) whose positions keep clean activations and are not scored.
     """
+    if isinstance(sae, (str, Path)):
+        sae = load_sae(sae, device=str(activations.device))
     ks = _check_budgets(sae, ks)
     _check_activations(sae, activations)
     n_tokens = activations.shape[0]

@@ -59,7 +59,7 @@ def test_hierarchical_budgets_match_encode_decode_at_each_k(
     trained_sae_dir: Path, held_out_activations: torch.Tensor
 ) -> None:
     sae = load_sae(trained_sae_dir)
-    results = evaluate_over_k(sae, held_out_activations, ks=BUDGETS, batch_size=300, progress=False)
+    results = evaluate_over_k(trained_sae_dir, held_out_activations, ks=BUDGETS, batch_size=300, progress=False)
     assert [r.k for r in results] == BUDGETS
     for result in results:
         reference = per_k_reference(
