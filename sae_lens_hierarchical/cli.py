@@ -270,5 +270,5 @@ def main(argv: Sequence[str] | None = None) -> None:
     handlers = {"train": _train, "cache": _cache, "evaluate": _evaluate, "compare": _compare}
     try:
         handlers[args.command](args)
-    except (ValueError, FileNotFoundError) as error:  # bad settings: one clear line, no traceback
+    except (ValueError, OSError) as error:  # bad settings, missing files, no Hub: one clear line, no traceback
         raise SystemExit(f"error: {error}") from error

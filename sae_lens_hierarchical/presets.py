@@ -340,7 +340,13 @@ def _wikipedia_token_sequences(tokenizer: PreTrainedTokenizerBase, context_size:
 
 def load_gemma_2_2b(device: str = "cpu") -> HookedTransformer:
     """Gemma-2 2B from the Hugging Face Hub, unprocessed (SAEs are trained on the raw residual stream)."""
-    return HookedTransformer.from_pretrained_no_processing("gemma-2-2b", device=device, dtype="float32")
+    try:
+        return HookedTransformer.from_pretrained_no_processing("gemma-2-2b", device=device, dtype="float32")
+    except OSError as error:  # no Hub access, or the gated model's licence not accepted
+        raise OSError(
+            "could not load google/gemma-2-2b from the Hugging Face Hub (it needs network access and an accepted "
+            f"licence: `huggingface-cli login`); the embedded preset gemma-3-270m runs offline. Cause: {error}"
+        ) from error
 
 
 PRESETS: dict[str, Preset] = {

@@ -18,6 +18,7 @@ from tests.conftest import TRAINED_K
 BUDGETS = [1, 3, 8, 16]
 
 
+@torch.no_grad()
 def per_k_reference(reconstruct: object, x: torch.Tensor, encode: object) -> dict[str, float]:
     """FVU, cosine, L0 and alive fraction of one budget, computed in float64 from the SAE's own encode/decode."""
     x64 = x.double()
