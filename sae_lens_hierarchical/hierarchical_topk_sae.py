@@ -56,7 +56,16 @@ def validate_k(k: object, max_k: int) -> int:
     return k  # type: ignore[return-value]
 
 
+# ``k`` has no usable default in our configs: SAELens's TopK defaults to k=100, which would silently give a saved SAE
+# whose cfg.json lost its ``k`` the wrong largest budget. K must always be given.
+
+
 def _validate_max_k(k: object, d_sae: int) -> None:
+    if k is None:
+        raise ValueError(
+            f"k (K, the largest budget the SAE was trained for) must be given, as an int in 1..d_sae={d_sae}; a saved "
+            "cfg.json must contain it (SAELens's TopK default k=100 is deliberately not used)"
+        )
     if not _is_int(k) or not 1 <= k <= d_sae:  # type: ignore[operator]
         raise ValueError(f"k (K, the largest budget) must be an int in 1..d_sae={d_sae}; got k={k!r}")
 
@@ -238,6 +247,8 @@ class HierarchicalTopKSAEConfig(TopKSAEConfig):
             metadata: inherited from SAELens's ``SAEConfig``.
     """
 
+    k: int = None  # type: ignore[assignment]  # required; see _validate_max_k
+
     def __post_init__(self) -> None:
         super().__post_init__()
         _validate_max_k(self.k, self.d_sae)
@@ -301,7 +312,7 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
     """Configuration for training a HierarchicalTopK SAE.
 
     Args:
-        k (int): K, the largest budget trained (same meaning as SAELens TopK's ``k``).
+        k (int): K, the largest budget trained (same meaning as SAELens TopK's ``k``); required, no default.
         hierarchy_levels (list[int] | None): J, the budgets whose reconstruction errors are summed, strictly
             increasing in 1..K and ending at K. ``None`` (default) means every budget 1..K, as in the paper.
             ``[K]`` alone is exactly SAELens's TopK loss.
@@ -330,6 +341,7 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
             in-SAE normalisations ``layer_norm`` and ``constant_norm_rescale`` are not supported.
     """
 
+    k: int = None  # type: ignore[assignment]  # required; see _validate_max_k
     hierarchy_levels: list[int] | None = None
     hierarchy_weights: list[float] | None = None
     loss_implementation: str = "auto"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from sae_lens import SAE, TrainingSAE
 
 from sae_lens_hierarchical import HierarchicalTopKTrainingSAE, HierarchicalTopKTrainingSAEConfig, load_sae
 
@@ -73,6 +74,10 @@ def test_config_without_k(saved: Path) -> None:
     edit_cfg(saved, k=None)
     with pytest.raises(ValueError, match=r"cfg.json has no 'k' \(K, the largest budget"):
         load_sae(saved)
+    # SAELens's own loaders must not fall back to TopK's default k=100 either.
+    for loader in (SAE.load_from_disk, TrainingSAE.load_from_disk):
+        with pytest.raises(ValueError, match=r"k \(K, the largest budget the SAE was trained for\) must be given"):
+            loader(saved)
 
 
 def test_config_with_k_larger_than_d_sae(saved: Path) -> None:
