@@ -268,14 +268,33 @@ def _wandb_environment(mode: str, directory: Path) -> Iterator[None]:
 
 @contextmanager
 def _scratch_beside(target: Path) -> Iterator[Path]:
-    """A scratch directory on the same file system as ``target`` (so the final rename is atomic)."""
+    """A scratch directory on the same file system as ``target`` (so the final rename is atomic).
+
+    Its name records this process's id; scratch directories of ``target`` left by processes that no longer exist
+    (killed jobs) are removed first.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    prefix = f".{target.name}.partial-"
+    for stale in target.parent.glob(f"{prefix}*"):
+        owner = stale.name[len(prefix) :].split("-", 1)[0]
+        if owner.isdigit() and not _process_exists(int(owner)):
+            shutil.rmtree(stale, ignore_errors=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=target.parent))
     scratch.chmod(0o755)  # mkdtemp's 0700 would otherwise become the results directory's mode
     try:
         yield scratch
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _move_into_place(scratch: Path, target: Path) -> None:

@@ -222,6 +222,7 @@ def test_killed_training_resumes_to_the_uninterrupted_result(tmp_path: Path, mon
     process = start_python(COMPARE_SLOWLY, str(output), str(cache))
     kill_when(process, lambda: any(checkpoints.glob(f"*/{CHECKPOINT_MARKER}")))
     assert not output.exists(), "a killed job must not leave a results directory"
+    assert list(tmp_path.glob(".resumed.partial-*")), "the killed job's scratch directory is still there"
 
     from sae_lens.training.sae_trainer import SAETrainer
 
@@ -242,6 +243,7 @@ def test_killed_training_resumes_to_the_uninterrupted_result(tmp_path: Path, mon
         for tensor in reference:
             torch.testing.assert_close(resumed[tensor], reference[tensor], rtol=0, atol=0)
     assert not checkpoints.exists(), "checkpoints are removed once the job has succeeded"
+    assert not list(tmp_path.glob(".resumed.partial-*")), "the next job removes a dead job's scratch directory"
 
 
 def test_checkpoint_of_other_settings_is_refused(tmp_path: Path) -> None:
