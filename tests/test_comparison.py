@@ -134,7 +134,7 @@ def test_compare_cli_refuses_bad_settings_before_writing(tmp_path: Path, capsys:
         main([*common, "--budgets", "4"])
 
 
-def test_comparison_is_reproducible_with_the_same_command(tmp_path: Path) -> None:
+def test_small_comparison_is_bit_reproducible(tmp_path: Path) -> None:
     """Same seed, same batch order, same initial weights: at this size two runs give bit-identical reports."""
     reports = []
     for name in ("first", "second"):
