@@ -171,7 +171,7 @@ def cache_activations(
             shutil.rmtree(activations_dir)
         _save_atomically(combined, activations_dir)
         manifest = {"format": _FORMAT_VERSION, "key": asdict(key), "d_in": d_in, "n_tokens": key.n_tokens}
-        _write_json_atomically(directory / MANIFEST_FILENAME, manifest)
+        write_json_atomically(directory / MANIFEST_FILENAME, manifest)
         shutil.rmtree(shards_dir)
     return ActivationCache(directory=directory, key=key, d_in=d_in)
 
@@ -213,7 +213,8 @@ def _save_atomically(dataset: Dataset, target: Path) -> None:
     os.replace(temporary, target)
 
 
-def _write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
+def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to a temporary file, fsync it, then rename it over ``path``: readers see old or new."""
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(temporary, "w") as file:
         json.dump(payload, file, indent=2)

@@ -34,6 +34,7 @@ from sae_lens_hierarchical.activation_cache import (
     ActivationCache,
     ActivationCacheKey,
     cache_activations,
+    write_json_atomically,
 )
 from sae_lens_hierarchical.evaluation import (
     BudgetMetrics,
@@ -513,7 +514,7 @@ def train_suite(
     def mark_complete(checkpoint_path: Path | None) -> None:
         if checkpoint_path is not None:
             state = {"n_training_steps": trainer.n_training_steps + 1, "settings": settings}
-            _write_json_atomically(checkpoint_path / CHECKPOINT_MARKER, state)
+            write_json_atomically(checkpoint_path / CHECKPOINT_MARKER, state)
 
     trainer = MultiSAETrainer(
         cfg=trainer_cfg,
@@ -562,14 +563,6 @@ def latest_checkpoint(checkpoint_dir: Path, settings: dict[str, Any]) -> Path | 
 def _json_safe(value: Any) -> Any:
     """``value`` as it reads back from JSON (tuples become lists), so settings compare equal after a round trip."""
     return json.loads(json.dumps(value, default=str))
-
-
-def _write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(payload, indent=2))
-    with open(temporary, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 _SHARED_RUNNER_FIELDS = (
