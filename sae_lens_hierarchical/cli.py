@@ -18,7 +18,7 @@ from typing import Any
 
 from sae_lens import SAE, LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
 
-from sae_lens_hierarchical.evaluation import evaluate_over_k, format_markdown_table
+from sae_lens_hierarchical.evaluation import format_markdown_table
 from sae_lens_hierarchical.loading import load_sae
 from sae_lens_hierarchical.pipeline import (
     BASELINES,
@@ -125,9 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--preset", help="default: the preset matching the SAE's model and hook")
     evaluate.add_argument("--ks", type=_budgets, help="comma-separated budgets (default powers of two and K)")
     evaluate.add_argument("--eval-tokens", type=_positive_int)
-    evaluate.add_argument(
-        "--downstream-tokens", type=_non_negative_int, help="CE/KL tokens (0 skips; default preset's)"
-    )
+    evaluate.add_argument("--downstream-tokens", type=_non_negative_int, help=DOWNSTREAM_HELP)
     evaluate.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_ROOT)
     evaluate.add_argument("--output-dir", type=Path, help="also write per_k.md/.json/.png here")
     evaluate.add_argument("--device", default="cpu")
@@ -232,15 +230,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         preset, model, eval_tokens=args.eval_tokens or preset.eval_tokens, cache_root=args.cache_dir
     )
     downstream_tokens = preset.downstream_eval_tokens if args.downstream_tokens is None else args.downstream_tokens
-    tokens = activations.held_out_tokens(downstream_tokens) if downstream_tokens else None
-    results = evaluate_over_k(
-        sae,
-        activations.held_out_activations(),
-        ks=args.ks,
-        model=model if tokens is not None else None,
-        tokens=tokens,
-        exclude_token_ids=activations.special_token_ids,
-    )
+    results = activations.evaluate(sae, model, downstream_tokens, ks=args.ks)
     print(format_markdown_table(results))
     if args.output_dir is not None:
         args.output_dir.mkdir(parents=True, exist_ok=True)

@@ -14,13 +14,13 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset
-from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
+from sae_lens import SAE, LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
 from sae_lens.constants import SPARSITY_FILENAME
 from sae_lens.multi_sae_training_runner import MultiSAETrainingRunner, MultiSAETrainingRunnerConfig
 from sae_lens.saes.sae import TrainingSAE
@@ -63,16 +63,40 @@ class EmbeddedActivations:
     special_token_ids: list[int]
     train: ActivationCache | None = None
     train_sequences: Dataset | None = None
+    _held_out_activations: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def held_out_activations(self) -> torch.Tensor:
-        """``[tokens, d_in]`` held-out activations without BOS and other special-token positions."""
-        return self.held_out.token_activations(exclude_token_ids=self.special_token_ids)
+        """``[tokens, d_in]`` held-out activations without BOS and other special-token positions (read once)."""
+        if self._held_out_activations is None:
+            self._held_out_activations = self.held_out.token_activations(exclude_token_ids=self.special_token_ids)
+        return self._held_out_activations
 
     def held_out_tokens(self, n_tokens: int) -> torch.Tensor:
         """``[sequences, context]`` token ids of the first held-out sequences, at least ``n_tokens`` in all."""
         dataset = self.held_out.load()
         n_sequences = min(math.ceil(n_tokens / self.held_out.key.context_size), len(dataset))
         return dataset.select(range(n_sequences))[:]["token_ids"].long()
+
+    def evaluate(
+        self,
+        sae: SAE[Any],
+        model: HookedTransformer,
+        downstream_tokens: int,
+        ks: list[int] | None = None,
+        progress: bool = True,
+    ) -> list[BudgetMetrics]:
+        """:func:`evaluate_over_k` on the held-out activations, with CE-loss/KL scores on the first
+        ``downstream_tokens`` held-out tokens (none when 0); special-token positions are left alone."""
+        tokens = self.held_out_tokens(downstream_tokens) if downstream_tokens else None
+        return evaluate_over_k(
+            sae,
+            self.held_out_activations(),
+            ks=ks,
+            progress=progress,
+            model=model if tokens is not None else None,
+            tokens=tokens,
+            exclude_token_ids=self.special_token_ids,
+        )
 
 
 def prepare_embedded_activations(
@@ -213,15 +237,7 @@ def run_training_job(
         if activations is not None:
             sae = load_sae(sae_dir)
             assert isinstance(sae, HierarchicalTopKSAE)
-            tokens = activations.held_out_tokens(downstream_tokens) if downstream_tokens else None
-            results = evaluate_over_k(
-                sae,
-                activations.held_out_activations(),
-                progress=progress,
-                model=model if tokens is not None else None,
-                tokens=tokens,
-                exclude_token_ids=activations.special_token_ids,
-            )
+            results = activations.evaluate(sae, model, downstream_tokens, progress=progress)
             write_report(results, scratch, title=f"HierarchicalTopK on {preset.model_name} ({preset.hook_name})")
         job = {"preset": preset.name, "overrides": overrides or {}, "training_tokens": training_tokens}
         job |= {"eval_tokens": eval_tokens, "downstream_tokens": downstream_tokens, "seed": seed}
@@ -429,18 +445,10 @@ def run_comparison_job(
         )
         results: dict[str, list[BudgetMetrics]] = {}
         if activations is not None:
-            held_out = activations.held_out_activations()
-            tokens = activations.held_out_tokens(downstream_tokens) if downstream_tokens else None
             for member in members:
                 saved = load_sae(sae_dirs[member.name], device=device)
-                results[member.name] = evaluate_over_k(
-                    saved,
-                    held_out,
-                    ks=member.eval_ks,
-                    progress=progress,
-                    model=model if tokens is not None else None,
-                    tokens=tokens,
-                    exclude_token_ids=activations.special_token_ids,
+                results[member.name] = activations.evaluate(
+                    saved, model, downstream_tokens, ks=member.eval_ks, progress=progress
                 )
             title = f"{preset.model_name} {preset.hook_name}: {training_tokens:,} tokens, d_sae {cfg.sae.d_sae}"
             write_comparison_report(results, members, scratch, title)
