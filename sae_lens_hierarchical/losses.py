@@ -183,6 +183,34 @@ def _chunk_sum(acts: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return torch.bmm(acts.unsqueeze(1), rows).squeeze(1)
 
 
+def input_gradients(
+    ctx: Any,
+    first_suffix: torch.Tensor,
+    grad_top_acts: torch.Tensor | None,
+    grad_W_dec: torch.Tensor | None,
+    top_acts: torch.Tensor,
+    W_dec: torch.Tensor,
+) -> tuple[torch.Tensor | None, ...]:
+    """``backward``'s outputs for the fused and Triton functions, each in its input's dtype.
+
+    From ``S_1`` ``[tokens, d_in]``: ``dL/dx = -S_1`` and ``dL/db_dec = sum_tokens S_1``; ``top_indices`` and the
+    four non-tensor arguments get None. ``ctx.input_dtypes`` holds the dtypes of ``sae_in`` and ``b_dec``.
+    """
+    need_sae_in, _, _, _, need_b_dec = ctx.needs_input_grad[:5]
+    sae_in_dtype, b_dec_dtype = ctx.input_dtypes
+    return (
+        (-first_suffix).to(sae_in_dtype) if need_sae_in else None,
+        grad_top_acts.to(top_acts.dtype) if grad_top_acts is not None else None,
+        None,
+        grad_W_dec.to(W_dec.dtype) if grad_W_dec is not None else None,
+        first_suffix.sum(dim=0).to(b_dec_dtype) if need_b_dec else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
 class _FusedHierarchicalMSEFunction(torch.autograd.Function):
     """The hierarchical loss on flattened inputs, never holding a ``[tokens, K, d_in]`` tensor.
 
@@ -252,7 +280,7 @@ class _FusedHierarchicalMSEFunction(torch.autograd.Function):
         chunks: list[_Chunk] = ctx.chunks
         dtype = final_residual.dtype
         n_tokens, d_in = final_residual.shape
-        need_sae_in, need_acts, _, need_W_dec, need_b_dec = ctx.needs_input_grad[:5]
+        _, need_acts, _, need_W_dec, _ = ctx.needs_input_grad[:5]
         # d(level MSE)/d(r_j) = 2 r_j / N, times the incoming gradient; the level weights are in beta and mixing.
         scale = grad_loss.to(dtype) * 2.0 / n_tokens
         betas = [chunk.beta * scale for chunk in chunks]
@@ -285,18 +313,7 @@ class _FusedHierarchicalMSEFunction(torch.autograd.Function):
                         weighted = suffixes * acts.unsqueeze(-1)
                     grad_W_dec.index_add_(0, indices.reshape(-1), weighted.reshape(-1, d_in))
             first_suffix[tokens] = suffix
-        sae_in_dtype, b_dec_dtype = ctx.input_dtypes
-        return (
-            (-first_suffix).to(sae_in_dtype) if need_sae_in else None,
-            grad_acts.to(top_acts.dtype) if grad_acts is not None else None,
-            None,
-            grad_W_dec.to(W_dec.dtype) if grad_W_dec is not None else None,
-            first_suffix.sum(dim=0).to(b_dec_dtype) if need_b_dec else None,
-            None,
-            None,
-            None,
-            None,
-        )
+        return input_gradients(ctx, first_suffix, grad_acts, grad_W_dec, top_acts, W_dec)
 
 
 def hierarchical_mse_fused(

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sae_lens_hierarchical.losses import TRITON_DTYPES, HierarchicalMSE, check_levels
+from sae_lens_hierarchical.losses import TRITON_DTYPES, HierarchicalMSE, check_levels, input_gradients
 
 # A [32, 128] float32 tile is 32 registers a thread at 4 warps; backward keeps about four such tiles live.
 _BLOCK_TOKENS = 32
@@ -228,7 +228,7 @@ class _TritonHierarchicalMSEFunction(torch.autograd.Function):
         n_tokens, d_in = residual.shape
         n_kept = top_acts.shape[1]
         block_tokens, block_d = ctx.blocks
-        need_sae_in, need_top_acts, _, need_W_dec, need_b_dec = ctx.needs_input_grad[:5]
+        _, need_top_acts, _, need_W_dec, _ = ctx.needs_input_grad[:5]
         device = residual.device
         grad_scale = (grad_loss.detach().to(torch.float32) * (2.0 / max(n_tokens, 1))).reshape(1)
         first_suffix = torch.empty(n_tokens, d_in, dtype=torch.float32, device=device)
@@ -258,18 +258,7 @@ class _TritonHierarchicalMSEFunction(torch.autograd.Function):
                     NEED_GRAD_W_DEC=grad_W_dec is not None,
                     num_warps=_NUM_WARPS,
                 )
-        sae_in_dtype, b_dec_dtype = ctx.input_dtypes
-        return (
-            (-first_suffix).to(sae_in_dtype) if need_sae_in else None,
-            grad_top_acts.to(top_acts.dtype) if grad_top_acts is not None else None,
-            None,
-            grad_W_dec.to(W_dec.dtype) if grad_W_dec is not None else None,
-            first_suffix.sum(dim=0).to(b_dec_dtype) if need_b_dec else None,
-            None,
-            None,
-            None,
-            None,
-        )
+        return input_gradients(ctx, first_suffix, grad_top_acts, grad_W_dec, top_acts, W_dec)
 
 
 def default_blocks(d_in: int) -> tuple[int, int]:
