@@ -12,15 +12,17 @@ and SAE, and the training config and SAE. The loss math lives in :mod:`sae_lens_
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
@@ -31,7 +33,7 @@ from sae_lens.saes.topk_sae import (
     TopKTrainingSAEConfig,
 )
 from torch import nn
-from typing_extensions import override
+from typing_extensions import Self, override
 
 from sae_lens_hierarchical.losses import HIERARCHICAL_LOSSES, uniform_level_weights
 
@@ -49,9 +51,14 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_budget(value: object) -> bool:
+    """An int, or the symbolic int ``torch.compile`` traces a varying ``k`` argument as (one graph for every k)."""
+    return _is_int(value) or isinstance(value, torch.SymInt)
+
+
 def validate_k(k: object, max_k: int) -> int:
     """Return ``k`` if it is a valid inference budget for an SAE trained with ``K = max_k``."""
-    if not _is_int(k) or not 1 <= k <= max_k:  # type: ignore[operator]
+    if not _is_budget(k) or not 1 <= k <= max_k:  # type: ignore[operator]
         raise ValueError(f"k must be an int in 1..K={max_k} (the largest budget this SAE was trained for); got k={k!r}")
     return k  # type: ignore[return-value]
 
@@ -113,8 +120,8 @@ class NestedTopK(nn.Module):
     """ReLU of the top-k of the *sorted* top-K pre-activations, returned dense ``[..., d_sae]``.
 
     Slicing one sorted top-K (instead of calling ``topk(k)``) guarantees that budget k selects exactly the
-    first k latents of budget K, ties included. ``k`` is runtime state so that SAELens and
-    TransformerLens hooks, which call ``encode(x)`` without arguments, see the chosen budget.
+    first k latents of budget K, ties included. ``k`` is the SAE's default budget (``set_k``); callers pass
+    an explicit budget as ``forward(hidden_pre, k)``.
     """
 
     def __init__(self, max_k: int):
@@ -130,20 +137,25 @@ class NestedTopK(nn.Module):
     def forward(self, hidden_pre: torch.Tensor, k: int | None = None) -> torch.Tensor:
         k = self.k if k is None else validate_k(k, self.max_k)
         values, indices = self.top_k(hidden_pre)
-        return torch.zeros_like(hidden_pre).scatter_(-1, indices[..., :k], values[..., :k])
+        return torch.zeros_like(hidden_pre).scatter(-1, indices[..., :k], values[..., :k])
 
 
-def check_sae_input(sae_in: torch.Tensor, d_in: int, reshape_activations: str = "none") -> None:
-    """Refuse integer/bool inputs and a last dimension other than ``d_in`` with one clear message."""
+def check_sae_input(sae_in: torch.Tensor, d_in: int, hook_z_reshaping: bool = False) -> None:
+    """Refuse integer/bool inputs and a width other than ``d_in`` with one clear message.
+
+    ``hook_z_reshaping`` is the SAE's *current* mode: inference SAEs on ``hook_z`` take ``[..., n_heads, d_head]``,
+    while SAELens's training SAEs turn that reshaping off and take flat ``[..., d_in]`` activations.
+    """
     if not sae_in.is_floating_point():
         raise ValueError(
             f"SAE input must be a floating-point tensor (float16, bfloat16, float32, float64); got {sae_in.dtype}"
         )
     width = sae_in.shape[-1] if sae_in.ndim else 0
-    if reshape_activations == "hook_z" and sae_in.ndim >= 2:
+    if hook_z_reshaping and sae_in.ndim >= 2:
         width = sae_in.shape[-2] * sae_in.shape[-1]
     if sae_in.ndim == 0 or width != d_in:
-        raise ValueError(f"SAE input must have last dimension d_in={d_in}; got shape {tuple(sae_in.shape)}")
+        expected = "[..., n_heads, d_head] with n_heads * d_head" if hook_z_reshaping else "last dimension"
+        raise ValueError(f"SAE input must have {expected} d_in={d_in}; got shape {tuple(sae_in.shape)}")
 
 
 def save_files_atomically(path: str | Path, save: Callable[[Path], tuple[Path, Path]]) -> tuple[Path, Path]:
@@ -170,35 +182,93 @@ def save_files_atomically(path: str | Path, save: Callable[[Path], tuple[Path, P
 
 T_CFG = TypeVar("T_CFG", "HierarchicalTopKSAEConfig", "HierarchicalTopKTrainingSAEConfig")
 
+# Per-thread budget overrides of ``use_k``: {id(sae): stack of budgets}. Keyed by id, not stored on the SAE, so that
+# SAEs stay deep-copyable and picklable; an entry lives only inside a ``use_k`` block, which holds the SAE alive.
+_THREAD_BUDGETS = threading.local()
+
+
+def _thread_budgets() -> dict[int, list[int]]:
+    budgets = getattr(_THREAD_BUDGETS, "by_sae", None)
+    if budgets is None:
+        budgets = _THREAD_BUDGETS.by_sae = {}
+    return budgets
+
+
+def _has_hooks(hook_point: nn.Module) -> bool:
+    return bool(hook_point._forward_hooks or hook_point._forward_pre_hooks or hook_point._backward_hooks)
+
 
 class _VariableKMixin(Generic[T_CFG]):
-    """Budget selection shared by the inference and training SAEs (``k``, ``set_k``, ``use_k``)."""
+    """Budget selection shared by the inference and training SAEs.
+
+    The budget is an argument (``encode(x, k=)``, ``forward(x, k=)``, ``encode_top_k(x, k=)``, ``at_k(k)``); the
+    SAE's state (``set_k`` for every thread, ``use_k`` for the calling thread) only supplies the default, for
+    SAELens and TransformerLens hooks that call ``encode(x)`` bare.
+    """
 
     cfg: T_CFG
     activation_fn: NestedTopK
+    # The SAELens class whose ``encode``/``decode`` this one mirrors; a subclass overriding them gets SAELens's path.
+    _saelens_base: ClassVar[type[nn.Module]]
 
     @property
     def k(self) -> int:
-        """The budget ``encode`` currently uses (K = ``cfg.k`` until changed)."""
-        return self.activation_fn.k
+        """The budget ``encode(x)`` uses: this thread's innermost ``use_k``, else the ``set_k`` default (K)."""
+        stack = _thread_budgets().get(id(self))
+        return stack[-1] if stack else self.activation_fn.k
 
     @k.setter
     def k(self, k: int) -> None:
         self.set_k(k)
 
     def set_k(self, k: int) -> None:
-        """Use budget ``k`` (1..K) from now on; nothing is retrained, the top-k is a prefix of the top-K."""
+        """Use budget ``k`` (1..K) from now on, in every thread; nothing is retrained, top-k is a prefix of top-K."""
         self.activation_fn.k = validate_k(k, self.cfg.k)
 
     @contextmanager
     def use_k(self, k: int) -> Iterator[None]:
-        """Run with budget ``k`` inside the block and restore the previous budget afterwards, even on error."""
-        previous = self.k
-        self.set_k(k)
+        """Run this thread's calls with budget ``k`` inside the block; restored on exit, also on error.
+
+        Thread-safe: the budget is kept per thread, so other threads (a data loader, a second hook site served
+        from another thread) keep theirs. Blocks nest. For one SAE at two budgets in one thread, use ``at_k``.
+        """
+        k = validate_k(k, self.cfg.k)
+        budgets = _thread_budgets()
+        stack = budgets.setdefault(id(self), [])
+        stack.append(k)
         try:
             yield
         finally:
-            self.activation_fn.k = previous
+            stack.pop()
+            if not stack:
+                del budgets[id(self)]
+
+    def _budget(self, k: int | None) -> int:
+        return self.k if k is None else validate_k(k, self.cfg.k)
+
+    def at_k(self, k: int) -> Self:
+        """A view of this SAE fixed at budget ``k``: the same parameter objects (no copy), its own hooks and budget.
+
+        Training or editing the view's parameters changes this SAE's, and vice versa. The view's ``k`` is ``k``
+        until its own ``set_k``/``use_k``; hooks added to the view are the view's only, so the same weights can be
+        attached at two budgets (``HookedSAETransformer.add_sae(sae.at_k(4))``).
+        """
+        k = validate_k(k, self.cfg.k)
+        cfg = copy.deepcopy(self.cfg)
+        cfg.device = "meta"  # builds without allocating weights; the real ones are attached below
+        view = type(self)(cfg, use_error_term=self.use_error_term)  # type: ignore[call-arg]
+        view.cfg.device = self.cfg.device
+        for name, parameter in self.named_parameters(recurse=False):  # type: ignore[attr-defined]
+            setattr(view, name, parameter)
+        for name, buffer in self.named_buffers(recurse=False):  # type: ignore[attr-defined]
+            view.register_buffer(name, buffer, persistent=name not in self._non_persistent_buffers_set)  # type: ignore[attr-defined]
+        view.device, view.dtype = self.device, self.dtype  # type: ignore[attr-defined]
+        view.__dict__.update({name: self.__dict__[name] for name in self._view_state if name in self.__dict__})
+        view.set_k(k)
+        return view
+
+    # Plain attributes a view copies from its SAE (the training SAE adds its pending b_dec initialisation).
+    _view_state: ClassVar[tuple[str, ...]] = ()
 
     def _scaled_hidden_pre(self, sae_in: torch.Tensor) -> torch.Tensor:
         """Pre-activations ``[..., d_sae]`` used for ranking (scaled by decoder norms when configured)."""
@@ -211,26 +281,67 @@ class _VariableKMixin(Generic[T_CFG]):
         """What multiplies each selected decoder row: the activation, over the row norm when rescaling."""
         if not self.cfg.rescale_acts_by_decoder_norm:
             return top_acts
-        return top_acts / self.W_dec.norm(dim=-1)[top_indices]
+        return top_acts / self.W_dec.norm(dim=-1)[top_indices]  # type: ignore[attr-defined]
 
     def process_sae_in(self, sae_in: torch.Tensor) -> torch.Tensor:
         """SAELens's input processing, after checking the input so a wrong tensor fails with its shape named."""
-        check_sae_input(sae_in, self.cfg.d_in, self.cfg.reshape_activations)
+        check_sae_input(sae_in, self.cfg.d_in, self.hook_z_reshaping_mode)  # type: ignore[attr-defined]
         return super().process_sae_in(sae_in)  # type: ignore[misc]
 
     def save_model(self, path: str | Path) -> tuple[Path, Path]:
         """SAELens's ``save_model``, with each file replaced atomically (see :func:`save_files_atomically`)."""
         return save_files_atomically(path, super().save_model)  # type: ignore[misc]
 
-    @torch.no_grad()
-    def encode_top_k(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The full ranking: ``([..., K] activations sorted descending, [..., K] latent indices)``.
+    def encode_top_k(self, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ranking: ``([..., k] activations sorted descending, [..., k] latent indices)``; ``k`` defaults to K.
 
-        Column ``i`` is the latent of rank ``i + 1``; budget k uses columns ``:k``. Activations are in the
-        same units as ``encode``'s output.
+        Column ``i`` is the latent of rank ``i + 1``; budget k uses columns ``:k``. Activations are in the same units
+        as ``encode``'s output and keep their gradients (for attribution); wrap in ``torch.no_grad()`` when not needed.
         """
-        hidden_pre = self._scaled_hidden_pre(self.process_sae_in(x))  # type: ignore[attr-defined]
-        return self.activation_fn.top_k(hidden_pre)
+        n_ranks = self.cfg.k if k is None else validate_k(k, self.cfg.k)
+        top_acts, top_indices = self.activation_fn.top_k(self._scaled_hidden_pre(self.process_sae_in(x)))
+        return top_acts[..., :n_ranks], top_indices[..., :n_ranks]
+
+    def encode(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """``[..., d_in] -> [..., d_sae]`` activations at budget ``k`` (default: the current ``self.k``)."""
+        hidden_pre = self._scaled_hidden_pre(self.process_sae_in(x))
+        return self.hook_sae_acts_post(self.activation_fn(hidden_pre, self._budget(k)))  # type: ignore[attr-defined]
+
+    def forward(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """Reconstruction at budget ``k`` (default: the current ``self.k``), decoded sparsely when nothing watches.
+
+        SAELens's path scatters dense ``[..., d_sae]`` activations and multiplies them by the whole decoder. When no
+        hook watches or edits the activations, no error term is wanted and ``encode``/``decode`` are not overridden,
+        the output is the same sum of k decoder rows, computed with ``embedding_bag`` (never ``[..., k, d_in]``).
+        """
+        k = self._budget(k)
+        if self.use_error_term or _has_hooks(self.hook_sae_acts_post) or self._overrides_encode_or_decode():  # type: ignore[attr-defined]
+            with self.use_k(k):
+                return super().forward(x)  # type: ignore[misc]
+        hidden_pre = self._scaled_hidden_pre(self.process_sae_in(x))
+        top_acts, top_indices = self.activation_fn.top_k(hidden_pre)
+        coefficients = self.decoder_coefficients(top_acts[..., :k], top_indices[..., :k])
+        decoded = decode_rows(self.W_dec, top_indices[..., :k], coefficients)  # type: ignore[attr-defined]
+        sae_out_pre = self.hook_sae_recons(decoded + self.b_dec)  # type: ignore[attr-defined]
+        sae_out = self.reshape_fn_out(self.run_time_activation_norm_fn_out(sae_out_pre), self.d_head)  # type: ignore[attr-defined]
+        return self.hook_sae_output(sae_out)  # type: ignore[attr-defined]
+
+    def _overrides_encode_or_decode(self) -> bool:
+        """Whether a subclass replaced ``encode`` or ``decode``, which the sparse paths would otherwise bypass."""
+        cls = type(self)
+        return cls.encode is not _VariableKMixin.encode or cls.decode is not self._saelens_base.decode  # type: ignore[attr-defined]
+
+
+def decode_rows(W_dec: torch.Tensor, indices: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """``sum_i coefficients[..., i] * W_dec[indices[..., i]]`` ``[..., d_in]``, gathering only the selected rows."""
+    n_rows = indices.shape[-1]
+    decoded = nn.functional.embedding_bag(
+        indices.reshape(-1, n_rows),
+        W_dec,
+        per_sample_weights=coefficients.reshape(-1, n_rows).to(W_dec.dtype),
+        mode="sum",
+    )
+    return decoded.reshape(*indices.shape[:-1], W_dec.shape[-1])
 
 
 @dataclass
@@ -269,42 +380,11 @@ class HierarchicalTopKSAE(_VariableKMixin[HierarchicalTopKSAEConfig], TopKSAE):
 
     cfg: HierarchicalTopKSAEConfig  # type: ignore[assignment]
     activation_fn: NestedTopK
+    _saelens_base = TopKSAE
 
     @override
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
         return NestedTopK(self.cfg.k)
-
-    @override
-    def encode(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
-        """``[..., d_in] -> [..., d_sae]`` activations at budget ``k`` (default: the current ``self.k``)."""
-        hidden_pre = self._scaled_hidden_pre(self.process_sae_in(x))
-        return self.hook_sae_acts_post(self.activation_fn(hidden_pre, k))
-
-    @override
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Reconstruction at the current budget; decodes sparsely from the k selected rows when it can.
-
-        SAELens's path scatters dense ``[..., d_sae]`` activations and multiplies them by the whole decoder. When no
-        hook watches or edits the activations (no cache, no ablation) and no error term is wanted, the output is
-        the same sum of k decoder rows, computed directly with ``embedding_bag`` (never a ``[..., k, d_in]`` tensor).
-        """
-        if self.use_error_term or _has_hooks(self.hook_sae_acts_post):
-            return super().forward(x)
-        hidden_pre = self._scaled_hidden_pre(self.process_sae_in(x))
-        top_acts, top_indices = self.activation_fn.top_k(hidden_pre)
-        k = self.k
-        coefficients = self.decoder_coefficients(top_acts[..., :k], top_indices[..., :k])
-        flat_indices = top_indices[..., :k].reshape(-1, k)
-        decoded = nn.functional.embedding_bag(
-            flat_indices, self.W_dec, per_sample_weights=coefficients.reshape(-1, k).to(self.W_dec.dtype), mode="sum"
-        )
-        sae_out_pre = self.hook_sae_recons(decoded.reshape(*hidden_pre.shape[:-1], -1) + self.b_dec)
-        sae_out = self.reshape_fn_out(self.run_time_activation_norm_fn_out(sae_out_pre), self.d_head)
-        return self.hook_sae_output(sae_out)
-
-
-def _has_hooks(hook_point: nn.Module) -> bool:
-    return bool(hook_point._forward_hooks or hook_point._forward_pre_hooks or hook_point._backward_hooks)
 
 
 @dataclass
@@ -411,18 +491,26 @@ class HierarchicalTopKTrainingSAE(_VariableKMixin[HierarchicalTopKTrainingSAECon
     """Training HierarchicalTopK SAE: TopK encoder, AuxK dead-latent loss, hierarchical prefix loss.
 
     ``training_forward_pass`` never builds the dense ``[tokens, d_sae]`` activations with gradients: the
-    loss decodes from the K selected decoder rows. The dense activations SAELens's trainer needs for its
-    firing statistics are built without gradients.
+    loss decodes from the K selected decoder rows, and the dense activations SAELens's trainer needs for its
+    firing statistics are built without gradients. When a hook watches ``hook_sae_acts_post`` or
+    ``hook_sae_recons``, or a subclass overrides ``decode``, it runs SAELens's dense path instead (see
+    :meth:`training_forward_pass`), so instrumentation sees and edits what it would see on SAELens's TopK.
     """
 
     cfg: HierarchicalTopKTrainingSAEConfig  # type: ignore[assignment]
     activation_fn: NestedTopK
+    _saelens_base = TopKTrainingSAE
+    _view_state = ("b_dec_pending_mean_init",)
 
     def __init__(self, cfg: HierarchicalTopKTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
         self.levels = cfg.levels
         self.level_weights = cfg.level_weights
         self._logged_level_positions = _logged_level_positions(self.levels)
+        # ``b_dec_init="mean"`` applies to a freshly built SAE only: any weights loaded into it (SAELens's
+        # ``load_from_disk`` for fine-tuning, ``load_weights_from_checkpoint`` on resume) are trained and are kept.
+        self.b_dec_pending_mean_init = cfg.b_dec_init == "mean"
+        self.register_load_state_dict_post_hook(_weights_loaded)
 
     def save_inference_model(self, path: str | Path) -> tuple[Path, Path]:
         """SAELens's ``save_inference_model``, with each file replaced atomically."""
@@ -435,58 +523,109 @@ class HierarchicalTopKTrainingSAE(_VariableKMixin[HierarchicalTopKTrainingSAECon
     @override
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden_pre = self._scaled_hidden_pre(self.process_sae_in(x))
-        return self.hook_sae_acts_post(self.activation_fn(hidden_pre)), hidden_pre
+        return self.hook_sae_acts_post(self.activation_fn(hidden_pre, self.k)), hidden_pre
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        """One step's losses, exactly SAELens's TopK step when ``hierarchy_levels == [K]``.
+
+        Fast path: the fused hierarchical loss on the K gathered decoder rows. Instrumented path (a hook on
+        ``hook_sae_acts_post``/``hook_sae_recons``, or ``decode`` overridden): the dense activations go through
+        ``hook_sae_acts_post`` and every level is decoded by ``self.decode`` from the activations of ranks <= level
+        (``hook_sae_recons`` fires once per level, K last), with SAELens's ``mse_loss_fn``. Both give the same loss.
+        """
         sae_in = step_input.sae_in
         if not bool(torch.isfinite(sae_in).all()):  # one host sync a step; NaN weights would otherwise be saved
             raise ValueError(
                 f"non-finite activations (NaN or inf) at training step {step_input.n_training_steps}, hook "
                 f"{self.cfg.metadata.hook_name!r}: activations must be finite; stopping before any weight changes"
             )
-        if self.cfg.b_dec_init == "mean" and step_input.n_training_steps == 0:
-            with torch.no_grad():  # step 0 only, so resuming from a checkpoint never re-initialises
+        if self.b_dec_pending_mean_init:
+            with torch.no_grad():
                 self.b_dec.copy_(sae_in.reshape(-1, sae_in.shape[-1]).mean(dim=0))
+            self.b_dec_pending_mean_init = False
         hidden_pre = self._scaled_hidden_pre(self.process_sae_in(sae_in))
         top_acts, top_indices = self.activation_fn.top_k(hidden_pre)
-        result = HIERARCHICAL_LOSSES[self.cfg.loss_implementation](
-            sae_in=sae_in.to(self.dtype),
-            top_acts=self.decoder_coefficients(top_acts, top_indices),
-            top_indices=top_indices,
-            W_dec=self.W_dec,
-            b_dec=self.b_dec,
-            levels=self.levels,
-            level_weights=self.level_weights,
-        )
-        with torch.no_grad():
-            feature_acts = torch.zeros_like(hidden_pre).scatter_(-1, top_indices, top_acts)
+        instrumented = _has_hooks(self.hook_sae_acts_post) or _has_hooks(self.hook_sae_recons)
+        if instrumented or self._overrides_encode_or_decode():
+            mse_loss, level_mse, sae_out, feature_acts = self._hierarchical_loss_through_decode(
+                sae_in, top_acts, top_indices, hidden_pre
+            )
+        else:
+            mse_loss, level_mse, sae_out = self._hierarchical_loss_fused(sae_in, top_acts, top_indices)
+            with torch.no_grad():
+                feature_acts = torch.zeros_like(hidden_pre).scatter_(-1, top_indices, top_acts)
         aux_losses = self.calculate_aux_loss(
-            step_input=step_input,
-            feature_acts=feature_acts,
-            hidden_pre=hidden_pre,
-            sae_out=result.reconstruction,
+            step_input=step_input, feature_acts=feature_acts, hidden_pre=hidden_pre, sae_out=sae_out
         )
-        losses = {"mse_loss": result.loss, **aux_losses}
+        losses = {"mse_loss": mse_loss, **aux_losses}
         loss = sum(losses.values(), torch.zeros((), device=sae_in.device))
         if not bool(torch.isfinite(loss)):  # raising before backward keeps the last finite weights
             raise ValueError(
-                f"training diverged: non-finite loss ({float(loss)}) at training step {step_input.n_training_steps}, "
+                f"training diverged: non-finite loss ({float(loss.detach())}) at training step "
+                f"{step_input.n_training_steps}, "
                 f"hook {self.cfg.metadata.hook_name!r}; the weights are still those of the previous step. Lower the "
                 "learning rate or check the activations' scale (normalize_activations='expected_average_only_in')"
             )
         metrics: dict[str, Any] = {
-            f"mse_at_k_{self.levels[position]}": result.level_mse[position] for position in self._logged_level_positions
+            f"mse_at_k_{self.levels[position]}": level_mse[position] for position in self._logged_level_positions
         }
         return TrainStepOutput(
             sae_in=sae_in,
-            sae_out=result.reconstruction,
+            sae_out=sae_out,
             feature_acts=feature_acts,
             hidden_pre=hidden_pre,
             loss=loss,
             losses=losses,
             metrics=metrics,
         )
+
+    def _hierarchical_loss_fused(
+        self, sae_in: torch.Tensor, top_acts: torch.Tensor, top_indices: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(loss, [n_levels] detached level MSEs, detached [..., d_in] top-K reconstruction)`` from K rows a token.
+
+        Under autocast the decoder products take the autocast dtype's inputs, as SAELens's ``feature_acts @ W_dec``
+        does; the sums over ranks stay in float32 (SAELens rounds its decoded output to bfloat16 as well).
+        """
+        coefficients, W_dec = self.decoder_coefficients(top_acts, top_indices), self.W_dec
+        device_type = sae_in.device.type
+        if torch.is_autocast_enabled(device_type):
+            autocast_dtype = torch.get_autocast_dtype(device_type)
+            coefficients, W_dec = coefficients.to(autocast_dtype), W_dec.to(autocast_dtype)
+        result = HIERARCHICAL_LOSSES[self.cfg.loss_implementation](
+            sae_in=sae_in,
+            top_acts=coefficients,
+            top_indices=top_indices,
+            W_dec=W_dec,
+            b_dec=self.b_dec,
+            levels=self.levels,
+            level_weights=self.level_weights,
+        )
+        return result.loss, result.level_mse, result.reconstruction.to(self.dtype)  # SAELens's sae_out dtype
+
+    def _hierarchical_loss_through_decode(
+        self, sae_in: torch.Tensor, top_acts: torch.Tensor, top_indices: torch.Tensor, hidden_pre: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The loss by SAELens's dense path, one ``self.decode`` per level: ``(loss, level MSEs, sae_out, acts)``.
+
+        Latents a hook activates outside the top-K count at every level; edits to the kept ones count from their rank.
+        """
+        feature_acts = self.hook_sae_acts_post(torch.zeros_like(hidden_pre).scatter(-1, top_indices, top_acts))
+        level_mses = []
+        sae_out = feature_acts
+        for level in self.levels:
+            ranks_kept = torch.ones_like(feature_acts).scatter(-1, top_indices[..., level:], 0.0)
+            sae_out = self.decode(feature_acts * ranks_kept)
+            level_mses.append(self.mse_loss_fn(sae_out, sae_in).sum(dim=-1).mean())
+        level_mse = torch.stack(level_mses)
+        weights = torch.tensor(self.level_weights, dtype=level_mse.dtype, device=level_mse.device)
+        return (level_mse * weights).sum(), level_mse.detach(), sae_out, feature_acts
+
+
+def _weights_loaded(module: nn.Module, _incompatible_keys: Any) -> None:
+    """Loaded weights are trained weights: no initialisation may overwrite them (``load_state_dict`` post-hook)."""
+    module.b_dec_pending_mean_init = False
 
 
 def _logged_level_positions(levels: list[int]) -> list[int]:
