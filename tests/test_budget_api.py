@@ -1,0 +1,184 @@
+"""The budget as an argument: ``encode/forward/encode_top_k(x, k=)``, ``at_k`` views, per-thread ``use_k``, compile.
+
+Expectations come from an independent float64 computation on the SAE's raw weights (ranking with ``torch.topk``,
+decoding by summing rows), never from the SAE's own ``encode_top_k``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import torch
+import torch._dynamo
+from sae_lens import HookedSAETransformer
+from torch._dynamo.testing import CompileCounter
+
+from sae_lens_hierarchical import (
+    HierarchicalTopKSAE,
+    HierarchicalTopKSAEConfig,
+    HierarchicalTopKTrainingSAE,
+    HierarchicalTopKTrainingSAEConfig,
+    presets,
+)
+
+D_IN, D_SAE, K = 32, 96, 10
+
+
+def make_sae(kind: str) -> HierarchicalTopKSAE | HierarchicalTopKTrainingSAE:
+    torch.manual_seed(0)
+    if kind == "inference":
+        sae: Any = HierarchicalTopKSAE(HierarchicalTopKSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K))
+    else:
+        sae = HierarchicalTopKTrainingSAE(HierarchicalTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.5)
+        sae.W_dec.mul_(torch.rand(D_SAE, 1) * 2 + 0.3)
+    return sae
+
+
+def independent(sae: Any, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dense activations [..., d_sae], reconstruction [..., d_in])`` at budget k, in float64 from the raw weights."""
+    W_enc, b_enc, W_dec, b_dec = (p.detach().double() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec))
+    x = x.double()
+    hidden = (x - b_dec) @ W_enc + b_enc
+    norms = W_dec.norm(dim=-1)
+    if sae.cfg.rescale_acts_by_decoder_norm:
+        hidden = hidden * norms
+    values, indices = hidden.topk(k, dim=-1)
+    acts = torch.zeros_like(hidden).scatter(-1, indices, values.relu())
+    coefficients = acts / norms if sae.cfg.rescale_acts_by_decoder_norm else acts
+    return acts, coefficients @ W_dec + b_dec
+
+
+KINDS = ["inference", "training"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("k", [1, 3, K])
+def test_encode_and_forward_take_the_budget_as_an_argument(kind: str, k: int) -> None:
+    sae = make_sae(kind)
+    x = torch.randn(4, 7, D_IN)
+    expected_acts, expected_out = independent(sae, x, k)
+    with torch.no_grad():
+        torch.testing.assert_close(sae.encode(x, k=k).double(), expected_acts, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sae(x, k=k).double(), expected_out, rtol=1e-5, atol=1e-5)
+        top_acts, top_indices = sae.encode_top_k(x, k=k)
+    assert top_acts.shape == top_indices.shape == (4, 7, k)
+    torch.testing.assert_close(
+        torch.zeros(4, 7, D_SAE).scatter(-1, top_indices, top_acts).double(), expected_acts, rtol=1e-5, atol=1e-5
+    )
+    assert sae.k == K  # an argument, not a state change
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_encode_top_k_keeps_gradients_for_attribution(kind: str) -> None:
+    """d(sum of the top-k activations)/d(W_enc, x) equals autograd through the float64 computation."""
+    sae = make_sae(kind)
+    x = torch.randn(6, D_IN, requires_grad=True)
+    top_acts, _ = sae.encode_top_k(x, k=4)
+    W_enc_grad, x_grad = torch.autograd.grad(top_acts.sum(), (sae.W_enc, x))
+    x64 = x.detach().double().requires_grad_(True)
+    W_enc64 = sae.W_enc.detach().double().requires_grad_(True)
+    hidden = (x64 - sae.b_dec.detach().double()) @ W_enc64 + sae.b_enc.detach().double()
+    if sae.cfg.rescale_acts_by_decoder_norm:
+        hidden = hidden * sae.W_dec.detach().double().norm(dim=-1)
+    expected = torch.autograd.grad(hidden.topk(4, dim=-1).values.relu().sum(), (W_enc64, x64))
+    torch.testing.assert_close(W_enc_grad.double(), expected[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x_grad.double(), expected[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_at_k_is_a_view_sharing_the_parameters(kind: str) -> None:
+    sae = make_sae(kind)
+    view = sae.at_k(3)
+    assert view.k == 3 and sae.k == K
+    for name, parameter in sae.named_parameters():
+        assert getattr(view, name) is parameter  # the same objects: no copy, one optimiser updates both
+    x = torch.randn(5, D_IN)
+    with torch.no_grad():
+        sae.W_dec.mul_(1.5)  # an edit of the SAE is seen by the view
+        torch.testing.assert_close(view(x).double(), independent(sae, x, 3)[1], rtol=1e-5, atol=1e-5)
+    fired: list[str] = []
+    with view.hooks(fwd_hooks=[("hook_sae_acts_post", lambda value, hook: fired.append("view"))]):
+        sae.encode(x)
+        assert fired == []  # the view's hooks are its own
+        view.encode(x)
+    assert fired == ["view"]
+    view.set_k(5)
+    assert (view.k, sae.k) == (5, K)
+    with pytest.raises(ValueError, match=rf"k must be an int in 1..K={K} .*got k=11"):
+        sae.at_k(11)
+
+
+def test_one_sae_at_two_budgets_at_two_hook_sites() -> None:
+    """Two views of one SAE in one HookedSAETransformer, each spliced at its own hook with its own budget."""
+    tiny = presets.tiny_random_model(seed=0)
+    model = HookedSAETransformer(tiny.cfg)
+    model.load_state_dict(tiny.state_dict())
+    sae = make_sae("inference")
+    hooks = {"blocks.0.hook_resid_post": 2, "blocks.1.hook_resid_post": 7}
+    views = []
+    for hook_name, k in hooks.items():
+        view = sae.at_k(k)
+        view.cfg.metadata.hook_name = hook_name
+        views.append(view)
+    assert sae.cfg.metadata.hook_name is None  # the views' configs are their own
+    tokens = torch.randint(0, tiny.cfg.d_vocab, (2, 9))
+
+    def splice(k: int) -> Any:
+        return lambda activation, hook: independent(sae, activation, k)[1].to(activation.dtype)
+
+    with torch.no_grad():
+        spliced = model.run_with_saes(tokens, saes=views)
+        expected = model.run_with_hooks(tokens, fwd_hooks=[(name, splice(k)) for name, k in hooks.items()])
+    torch.testing.assert_close(spliced, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_use_k_is_per_thread() -> None:
+    """Two threads in interleaved ``use_k`` blocks each see their own budget; ``set_k`` is the shared default."""
+    sae = make_sae("inference")
+    x = torch.randn(16, D_IN) + 0.5
+    barrier = threading.Barrier(2)
+    seen: dict[int, list[int]] = {}
+
+    def work(k: int) -> None:
+        with sae.use_k(k):
+            barrier.wait()  # both threads are inside their blocks now
+            counts = []
+            for _ in range(20):
+                with torch.no_grad():
+                    counts.append(int((sae.encode(x) > 0).sum(dim=-1).max()))
+            barrier.wait()
+        seen[k] = counts
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in (2, 9)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert seen == {2: [2] * 20, 9: [9] * 20}
+    assert sae.k == K
+    sae.set_k(4)
+    seen_default: list[int] = []
+    thread = threading.Thread(target=lambda: seen_default.append(sae.k))
+    thread.start()
+    thread.join()
+    assert seen_default == [4]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_compiled_forward_serves_every_budget_without_recompiling_per_k(kind: str) -> None:
+    """torch.compile traces k symbolically after one recompile; 10 budgets stay far below dynamo's limit of 8."""
+    torch._dynamo.reset()
+    sae = make_sae(kind)
+    x = torch.randn(12, D_IN)
+    counter = CompileCounter()
+    compiled = torch.compile(sae.forward, backend=counter)
+    with torch.no_grad():
+        for k in range(1, K + 1):
+            torch.testing.assert_close(compiled(x, k=k).double(), independent(sae, x, k)[1], rtol=1e-5, atol=1e-5)
+    assert counter.frame_count <= 3, f"compiled {counter.frame_count} graphs for {K} budgets"
+    torch._dynamo.reset()
