@@ -100,6 +100,21 @@ def test_loading_for_training_never_reinitialises_b_dec(tmp_path) -> None:
     torch.testing.assert_close(loaded.b_dec, torch.full((D_IN,), 5.0))
 
 
+def test_resuming_weights_from_a_checkpoint_never_reinitialises_b_dec(tmp_path) -> None:
+    """SAELens's resume: a freshly built SAE, then ``load_weights_from_checkpoint``, then the next step."""
+    cfg = HierarchicalTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, b_dec_init="mean")
+    trained = HierarchicalTopKTrainingSAE(cfg)
+    with torch.no_grad():
+        trained.b_dec.fill_(-3.0)
+    trained.save_model(tmp_path / "checkpoint")
+    resumed = HierarchicalTopKTrainingSAE(cfg)
+    resumed.load_weights_from_checkpoint(tmp_path / "checkpoint")
+    resumed.training_forward_pass(
+        TrainStepInput(torch.randn(32, D_IN), {}, None, n_training_steps=0, is_logging_step=False)
+    )
+    torch.testing.assert_close(resumed.b_dec, torch.full((D_IN,), -3.0))
+
+
 def test_fresh_sae_initialises_b_dec_to_the_first_batch_mean_once() -> None:
     sae = HierarchicalTopKTrainingSAE(HierarchicalTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, b_dec_init="mean"))
     first, second = torch.randn(32, D_IN) + 3.0, torch.randn(32, D_IN) - 7.0
