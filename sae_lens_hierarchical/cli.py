@@ -6,6 +6,8 @@ sae-lens-hierarchical train --config runner_cfg.json   # any SAELens runner conf
 sae-lens-hierarchical cache --preset gemma-3-270m      # only cache activations
 sae-lens-hierarchical evaluate results/gemma-3-270m/sae --ks 1,4,16,64
 sae-lens-hierarchical compare                    # HTopK vs TopK at each k, truncated TopK, Multi-TopK
+sae-lens-hierarchical export results/gemma-3-270m/sae --k 16 topk_k16  # a plain SAELens TopK SAE at k=16
+sae-lens-hierarchical upload results/gemma-3-270m/sae owner/name --topk-ks 8,32 --dry-run repo_preview
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from sae_lens_hierarchical.pipeline import (
     write_report,
 )
 from sae_lens_hierarchical.presets import PRESETS, Preset, get_preset
+from sae_lens_hierarchical.sharing import save_as_topk, save_as_topk_variants, upload
 
 DEFAULT_PRESET = "gemma-3-270m"
 DOWNSTREAM_HELP = "held-out tokens for CE-loss/KL scores (0 skips them; default: the preset's)"
@@ -153,6 +156,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoints during training; rerunning the same command after a crash resumes from the newest",
     )
     compare.add_argument("--overwrite", action="store_true", help="replace an existing results directory")
+
+    export = commands.add_parser(
+        "export", help="write the SAE at budget k as a plain SAELens TopK SAE (loads without this package)"
+    )
+    export.add_argument("sae", help="SAE directory, or a Hugging Face repo id with --sae-id")
+    export.add_argument("output_dir", type=Path, help="new directory (several --k: one k_<k> folder each)")
+    export.add_argument("--k", type=_budgets, required=True, help="budget, or comma-separated budgets, in 1..K")
+    export.add_argument("--sae-id", help="the SAE's folder inside a repo")
+
+    publish = commands.add_parser(
+        "upload", help="publish the SAE (and TopK exports) on the Hugging Face Hub with SAELens's uploader"
+    )
+    publish.add_argument(
+        "sae", type=Path, help="SAE directory (a per_k.md next to it or one level up goes in the card)"
+    )
+    publish.add_argument("repo_id", help="owner/name")
+    publish.add_argument("--sae-id", help="the SAE's folder in the repo (default: its hook name)")
+    publish.add_argument("--topk-ks", type=_budgets, default=[], help="also upload TopK exports at these budgets")
+    publish.add_argument("--revision", default="main")
+    publish.add_argument("--dry-run", type=Path, metavar="DIR", help="write the files to DIR instead of uploading")
     return parser
 
 
@@ -255,9 +278,35 @@ def _compare(args: argparse.Namespace) -> None:
     print(f"\nSAEs in {result.output_dir / 'saes'}; report in {result.output_dir}. Took {result.seconds / 60:.1f} min.")
 
 
+def _export(args: argparse.Namespace) -> None:
+    sae = load_sae(args.sae, args.sae_id)
+    source = args.sae if args.sae_id is None else f"{args.sae}/{args.sae_id}"
+    if len(args.k) == 1:
+        paths = {args.k[0]: save_as_topk(sae, args.output_dir, args.k[0], source=source)}
+    else:
+        paths = save_as_topk_variants(sae, args.output_dir, args.k, source=source)
+    for k, path in paths.items():
+        print(f"TopK SAE at k={k}: {path} (SAELens alone loads it: SAE.load_from_disk)")
+
+
+def _upload(args: argparse.Namespace) -> None:
+    uploaded = upload(args.sae, args.repo_id, sae_id=args.sae_id, topk_ks=args.topk_ks, dry_run=args.dry_run)
+    where = f"written to {args.dry_run} (dry run, nothing uploaded)" if args.dry_run else f"uploaded to {args.repo_id}"
+    print(f"README.md and {len(uploaded)} SAE(s) {where}:")
+    for sae_id, description in uploaded.items():
+        print(f"  {sae_id}: {description}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    handlers = {"train": _train, "cache": _cache, "evaluate": _evaluate, "compare": _compare}
+    handlers = {
+        "train": _train,
+        "cache": _cache,
+        "evaluate": _evaluate,
+        "compare": _compare,
+        "export": _export,
+        "upload": _upload,
+    }
     try:
         handlers[args.command](args)
     except (ValueError, OSError) as error:  # bad settings, missing files, no Hub: one clear line, no traceback
