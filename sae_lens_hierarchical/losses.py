@@ -53,6 +53,35 @@ def check_levels(levels: list[int], level_weights: list[float], n_kept: int) -> 
         )
 
 
+# --- per-step constants, built once ---------------------------------------------------------------------
+# Every training step uses the same levels and weights. Building their tensors from Python lists is a blocking
+# host-to-device copy on CUDA (one per tensor, per step), so they are cached per (arguments, device, dtype), as the
+# Triton path caches its rank tables. Cached tensors are shared by every call: nothing may modify them in place.
+# They are built outside inference mode, so that a first call under ``torch.inference_mode()`` cannot cache tensors
+# that autograd later refuses to save for backward.
+
+_CACHE_SIZE = 64
+
+
+def _as_weights(level_weights: list[float] | tuple[float, ...]) -> tuple[float, ...]:
+    """Hashable cache key for the weights (ints and floats that compare equal give one entry)."""
+    return tuple(float(weight) for weight in level_weights)
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _level_positions(levels: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``[n_levels]`` 0-based rank column of each level's prefix, for ``index_select``."""
+    with torch.inference_mode(False):
+        return torch.tensor([level - 1 for level in levels], dtype=torch.long, device=device)
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _weight_vector(level_weights: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``[n_levels]`` level weights, multiplied into the per-level MSEs."""
+    with torch.inference_mode(False):
+        return torch.tensor(level_weights, dtype=dtype, device=device)
+
+
 def hierarchical_mse_reference(
     sae_in: torch.Tensor,
     top_acts: torch.Tensor,
@@ -86,11 +115,10 @@ def hierarchical_mse_reference(
     # [tokens, K, d_in]: contribution of each ranked latent, then running sums over rank.
     contributions = acts.unsqueeze(-1) * W_dec[indices]
     prefix_recons = b_dec + contributions.cumsum(dim=1)
-    level_positions = torch.tensor([j - 1 for j in levels], device=sae_in.device)
+    level_positions = _level_positions(tuple(levels), sae_in.device)
     level_recons = prefix_recons.index_select(1, level_positions)
     level_mse = (level_recons - target.unsqueeze(1)).pow(2).sum(dim=-1).mean(dim=0)
-    weights = torch.tensor(level_weights, dtype=level_mse.dtype, device=level_mse.device)
-    loss = (level_mse * weights).sum()
+    loss = (level_mse * _weight_vector(_as_weights(level_weights), level_mse.device, level_mse.dtype)).sum()
     reconstruction = prefix_recons[:, -1, :].reshape(sae_in.shape)
     return HierarchicalMSE(loss, level_mse.detach(), reconstruction.detach())
 
@@ -133,31 +161,39 @@ class _Chunk(NamedTuple):
     mixing: torch.Tensor  # [c, c]
 
 
+@functools.lru_cache(maxsize=_CACHE_SIZE)
 def _plan_chunks(
-    levels: tuple[int, ...], level_weights: tuple[float, ...], n_kept: int, chunk_size: int, like: torch.Tensor
-) -> list[_Chunk]:
+    levels: tuple[int, ...],
+    level_weights: tuple[float, ...],
+    n_kept: int,
+    chunk_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[_Chunk, ...]:
+    """The chunks of ranks ``0..K-1`` and their tables, on ``device`` in ``dtype``; cached (see above)."""
     chunks = []
-    for start in range(0, n_kept, chunk_size):
-        stop = min(start + chunk_size, n_kept)
-        slots = [slot for slot, level in enumerate(levels) if start < level <= stop]
-        ends = torch.tensor([levels[slot] - 1 - start for slot in slots], device=like.device, dtype=torch.long)
-        ranks = torch.arange(stop - start, device=like.device)
-        included = (ranks <= ends.unsqueeze(1)).to(like.dtype)
-        weights = torch.tensor([level_weights[slot] for slot in slots], dtype=like.dtype, device=like.device)
-        beta = weights @ included
-        later_rank = torch.maximum(ranks.unsqueeze(1), ranks.unsqueeze(0))
-        chunks.append(
-            _Chunk(
-                start=start,
-                stop=stop,
-                level_slots=torch.tensor(slots, dtype=torch.long, device=like.device),
-                included=included,
-                ends_at_stop=bool(slots) and levels[slots[-1]] == stop,
-                beta=beta,
-                mixing=beta[later_rank],
+    with torch.inference_mode(False):
+        for start in range(0, n_kept, chunk_size):
+            stop = min(start + chunk_size, n_kept)
+            slots = [slot for slot, level in enumerate(levels) if start < level <= stop]
+            ends = torch.tensor([levels[slot] - 1 - start for slot in slots], device=device, dtype=torch.long)
+            ranks = torch.arange(stop - start, device=device)
+            included = (ranks <= ends.unsqueeze(1)).to(dtype)
+            weights = torch.tensor([level_weights[slot] for slot in slots], dtype=dtype, device=device)
+            beta = weights @ included
+            later_rank = torch.maximum(ranks.unsqueeze(1), ranks.unsqueeze(0))
+            chunks.append(
+                _Chunk(
+                    start=start,
+                    stop=stop,
+                    level_slots=torch.tensor(slots, dtype=torch.long, device=device),
+                    included=included,
+                    ends_at_stop=bool(slots) and levels[slots[-1]] == stop,
+                    beta=beta,
+                    mixing=beta[later_rank],
+                )
             )
-        )
-    return chunks
+    return tuple(chunks)
 
 
 def _accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -240,7 +276,7 @@ class _FusedHierarchicalMSEFunction(torch.autograd.Function):
         dtype = _accumulation_dtype(sae_in, top_acts, W_dec, b_dec)
         output_dtype = torch.promote_types(sae_in.dtype, W_dec.dtype)
         n_tokens, d_in = sae_in.shape
-        chunks = _plan_chunks(levels, level_weights, top_acts.shape[1], chunk_size, b_dec.new_empty(0, dtype=dtype))
+        chunks = _plan_chunks(levels, level_weights, top_acts.shape[1], chunk_size, sae_in.device, dtype)
         # Autocast would run the batched products in half precision; the loss accumulates over K ranks in `dtype`.
         with torch.autocast(device_type=sae_in.device.type, enabled=False):
             final_residual = torch.empty(n_tokens, d_in, dtype=dtype, device=sae_in.device)
@@ -262,7 +298,7 @@ class _FusedHierarchicalMSEFunction(torch.autograd.Function):
                     residual = residual + _chunk_sum(acts, rows) if last is None else last
                 final_residual[tokens] = residual
             level_mse = squared_errors / n_tokens
-            loss = (level_mse * torch.tensor(level_weights, dtype=dtype, device=level_mse.device)).sum()
+            loss = (level_mse * _weight_vector(level_weights, level_mse.device, dtype)).sum()
             reconstruction = (sae_in.to(dtype) + final_residual).to(output_dtype)
         ctx.save_for_backward(top_acts, top_indices, W_dec, final_residual)
         ctx.chunks = chunks
@@ -277,11 +313,12 @@ class _FusedHierarchicalMSEFunction(torch.autograd.Function):
         ctx: Any, grad_loss: torch.Tensor, _grad_level_mse: torch.Tensor, _grad_reconstruction: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
         top_acts, top_indices, W_dec, final_residual = ctx.saved_tensors
-        chunks: list[_Chunk] = ctx.chunks
+        chunks: tuple[_Chunk, ...] = ctx.chunks
         dtype = final_residual.dtype
         n_tokens, d_in = final_residual.shape
         _, need_acts, _, need_W_dec, _ = ctx.needs_input_grad[:5]
         # d(level MSE)/d(r_j) = 2 r_j / N, times the incoming gradient; the level weights are in beta and mixing.
+        # Out of place: beta and mixing are the cached tables of every later call.
         scale = grad_loss.to(dtype) * 2.0 / n_tokens
         betas = [chunk.beta * scale for chunk in chunks]
         mixings = [chunk.mixing * scale for chunk in chunks]

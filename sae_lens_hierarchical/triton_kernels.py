@@ -141,18 +141,20 @@ def _rank_tables(
     """``([K] int32 level slot per rank or -1, [K] float32 level weight per rank or 0, [n_levels] float32 weights)``.
 
     Cached per (levels, weights, K, device): every training step uses the same ones, and building them is a
-    host-to-device copy.
+    host-to-device copy. Built outside inference mode: the weights are saved for backward, which autograd refuses
+    for tensors made under ``torch.inference_mode()`` (say by an evaluation that ran first).
     """
     slots = [-1] * n_kept
     weights = [0.0] * n_kept
     for slot, (level, weight) in enumerate(zip(levels, level_weights, strict=True)):
         slots[level - 1] = slot
         weights[level - 1] = weight
-    return (
-        torch.tensor(slots, dtype=torch.int32, device=device),
-        torch.tensor(weights, dtype=torch.float32, device=device),
-        torch.tensor(level_weights, dtype=torch.float32, device=device),
-    )
+    with torch.inference_mode(False):
+        return (
+            torch.tensor(slots, dtype=torch.int32, device=device),
+            torch.tensor(weights, dtype=torch.float32, device=device),
+            torch.tensor(level_weights, dtype=torch.float32, device=device),
+        )
 
 
 def _on_device(device: torch.device) -> contextlib.AbstractContextManager[Any]:

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from sae_lens_hierarchical import HierarchicalTopKTrainingSAEConfig
+from sae_lens_hierarchical import HierarchicalTopKTrainingSAEConfig, losses
 from sae_lens_hierarchical.losses import (
     HIERARCHICAL_LOSSES,
     hierarchical_mse_fused,
@@ -225,6 +231,126 @@ def test_fused_rejects_bad_arguments(overrides, message) -> None:
     arguments = {**problem, "levels": [2, 4], "level_weights": [0.5, 0.5], **overrides}
     with pytest.raises(ValueError, match=message):
         hierarchical_mse_fused(**arguments)
+
+
+# --- per-step constants are built once --------------------------------------------------------------
+
+# What a host-to-device copy or a host sync looks like to the dispatcher: torch.tensor / as_tensor / new_tensor /
+# LongTensor(list) all lower to ``lift_fresh``; ``.item()`` / ``bool(t)`` to ``_local_scalar_dense``; ``nonzero``
+# syncs to size its output.
+HOST_OPS = ("aten.lift_fresh", "aten.arange", "aten._local_scalar_dense", "aten.nonzero")
+
+
+class _RecordOps(TorchDispatchMode):
+    """Every aten op run while active (autograd's backward included), by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def recording_host_tensors(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[collections.Counter, _RecordOps]]:
+    """``(python calls of torch.tensor/as_tensor/arange, every aten op)`` inside the block."""
+    calls: collections.Counter[str] = collections.Counter()
+
+    def counted(name: str, original: Callable) -> Callable:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    with monkeypatch.context() as patch:
+        for name in ("tensor", "as_tensor", "arange"):
+            patch.setattr(torch, name, counted(name, getattr(torch, name)))
+        with _RecordOps() as recorder:
+            yield calls, recorder
+
+
+def clear_constant_caches() -> None:
+    """Start from empty caches, so the first call in a test builds the tables (whatever ran before)."""
+    for cached in (losses._plan_chunks, losses._weight_vector, losses._level_positions):
+        if hasattr(cached, "cache_clear"):
+            cached.cache_clear()
+
+
+@pytest.mark.parametrize("implementation", ["fused", "reference"])
+def test_second_step_builds_no_tensor_from_host_data(monkeypatch, implementation) -> None:
+    """The chunk tables, level weights and level positions are built on the first call only: on CUDA each one is a
+    blocking host-to-device copy, K / chunk_size x 5 of them per step before they were cached."""
+    loss_fn = HIERARCHICAL_LOSSES[implementation]
+    options = {"chunk_size": 3} if implementation == "fused" else {}
+    levels, weights = [1, 4, 5, 13], [0.5, 0.0, 2.0, 0.25]
+    problem = random_problem((6, 5), 7, 30, 13, torch.float32, seed=21)
+    clear_constant_caches()
+
+    def step() -> tuple[collections.Counter, collections.Counter, list[torch.Tensor]]:
+        leaves = {name: problem[name].clone().requires_grad_() for name in DIFFERENTIABLE}  # outside the window
+        with recording_host_tensors(monkeypatch) as (calls, recorder):
+            loss_fn(**{**problem, **leaves}, levels=levels, level_weights=weights, **options).loss.backward()
+        host_ops = collections.Counter({op: n for op, n in recorder.ops.items() if op.startswith(HOST_OPS)})
+        assert recorder.ops["aten.index_add_.default"] or recorder.ops["aten.index_add.default"], "backward unseen"
+        return calls, host_ops, [leaves[name].grad for name in DIFFERENTIABLE]
+
+    first_calls, first_ops, first_grads = step()
+    assert sum(first_calls.values()) > 0 and sum(first_ops.values()) > 0, "the counters must see the first build"
+    second_calls, second_ops, second_grads = step()
+    assert not second_calls, f"python calls building tensors from host data on the second step: {second_calls}"
+    assert not second_ops, f"host copies or syncs on the second step: {second_ops}"
+    for name, got, expected in zip(DIFFERENTIABLE, second_grads, first_grads, strict=True):
+        assert torch.equal(got, expected), f"gradient of {name} changed once the tables were cached"
+
+
+def test_backward_leaves_the_cached_chunk_tables_unchanged() -> None:
+    """Every later step reuses the cached tables, so backward must scale them out of place."""
+    levels, weights = (2, 3, 7, 8), (0.25, 1.0, 0.5, 0.125)
+    problem = random_problem((9,), 6, 25, 8, torch.float64, seed=8)
+    clear_constant_caches()
+    for _ in range(2):  # a gradient != 1 reaches backward, so an in-place scaling would show
+        gradients(
+            problem,
+            lambda p: (
+                3.0 * hierarchical_mse_fused(**p, levels=list(levels), level_weights=list(weights), chunk_size=3).loss
+            ),
+        )
+    cached = losses._plan_chunks(levels, weights, 8, 3, torch.device("cpu"), torch.float64)
+    fresh = losses._plan_chunks.__wrapped__(levels, weights, 8, 3, torch.device("cpu"), torch.float64)
+    assert losses._plan_chunks.cache_info().hits >= 2
+    for got, expected in zip(cached, fresh, strict=True):
+        for field, value in got._asdict().items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, getattr(expected, field)), f"chunk {got.start}: {field} was modified"
+            else:
+                assert value == getattr(expected, field), field
+    _, second = gradients(
+        problem,
+        lambda p: hierarchical_mse_fused(**p, levels=list(levels), level_weights=list(weights), chunk_size=3).loss,
+    )
+    _, loop = gradients(problem, lambda p: naive_per_level_loss(**p, levels=list(levels), weights=list(weights))[0])
+    for name, got, expected in zip(DIFFERENTIABLE, second, loop, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("implementation", ["fused", "reference"])
+def test_tables_first_built_under_inference_mode_still_train(implementation) -> None:
+    """An evaluation under ``torch.inference_mode()`` may be the first call; the tables it caches are then used by
+    training steps, where autograd refuses to save inference tensors for backward."""
+    loss_fn = HIERARCHICAL_LOSSES[implementation]
+    levels, weights = [2, 5, 6], [0.5, 0.25, 0.25]
+    problem = random_problem((8,), 5, 20, 6, torch.float64, seed=12)
+    clear_constant_caches()
+    with torch.inference_mode():
+        evaluated = loss_fn(**problem, levels=levels, level_weights=weights)
+    _, ours = gradients(problem, lambda p: loss_fn(**p, levels=levels, level_weights=weights).loss)
+    expected, loop = gradients(problem, lambda p: naive_per_level_loss(**p, levels=levels, weights=weights)[0])
+    torch.testing.assert_close(evaluated.loss, expected, rtol=1e-12, atol=1e-12)
+    for name, got, exact in zip(DIFFERENTIABLE, ours, loop, strict=True):
+        torch.testing.assert_close(got, exact, rtol=1e-10, atol=1e-12, msg=f"gradient of {name}")
 
 
 # --- inside the training SAE ------------------------------------------------------------------------
