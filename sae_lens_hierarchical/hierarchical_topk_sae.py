@@ -326,6 +326,18 @@ class _VariableKMixin(Generic[T_CFG]):
         sae_out = self.reshape_fn_out(self.run_time_activation_norm_fn_out(sae_out_pre), self.d_head)  # type: ignore[attr-defined]
         return self.hook_sae_output(sae_out)  # type: ignore[attr-defined]
 
+    def to_topk(self, k: int) -> TopKSAE:
+        """SAELens's own ``TopKSAE`` computing what this SAE computes at budget ``k`` (see ``sharing.to_topk``)."""
+        from sae_lens_hierarchical.sharing import to_topk  # sharing builds on this module
+
+        return to_topk(self, k)  # type: ignore[arg-type]
+
+    def save_as_topk(self, path: str | Path, k: int) -> Path:
+        """Write :meth:`to_topk` to the new directory ``path``, loadable by SAELens alone (``sharing.save_as_topk``)."""
+        from sae_lens_hierarchical.sharing import save_as_topk
+
+        return save_as_topk(self, path, k)  # type: ignore[arg-type]
+
     def _overrides_encode_or_decode(self) -> bool:
         """Whether a subclass replaced ``encode`` or ``decode``, which the sparse paths would otherwise bypass."""
         cls = type(self)

@@ -182,3 +182,18 @@ def test_compiled_forward_serves_every_budget_without_recompiling_per_k(kind: st
             torch.testing.assert_close(compiled(x, k=k).double(), independent(sae, x, k)[1], rtol=1e-5, atol=1e-5)
     assert counter.frame_count <= 3, f"compiled {counter.frame_count} graphs for {K} budgets"
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_to_topk_and_save_as_topk_give_a_plain_topk_sae_at_k(kind: str, tmp_path) -> None:
+    """The methods: SAELens's ``TopKSAE`` at budget 3 reconstructs as the float64 computation does at 3."""
+    from sae_lens import SAE
+    from sae_lens.saes.topk_sae import TopKSAE
+
+    sae = make_sae(kind)
+    x = torch.randn(8, D_IN)
+    saved = SAE.load_from_disk(sae.save_as_topk(tmp_path / "topk_3", 3))
+    for topk in (sae.to_topk(3), saved):
+        assert type(topk) is TopKSAE and topk.cfg.k == 3
+        with torch.no_grad():
+            torch.testing.assert_close(topk(x).double(), independent(sae, x, 3)[1], rtol=1e-5, atol=1e-5)
