@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae_lens_hierarchical.losses import hierarchical_mse_reference, uniform_level_weights
+from sae_lens_hierarchical.losses import HIERARCHICAL_LOSSES, hierarchical_mse_reference, uniform_level_weights
 
 
 def naive_per_level_loss(
@@ -115,11 +115,18 @@ def test_reference_passes_gradcheck() -> None:
     assert torch.autograd.gradcheck(loss, inputs)
 
 
-def test_uniform_weights_keep_single_level_scale() -> None:
-    """With every level equal to the same error, the uniform loss equals that error (a mean, not a sum)."""
+@pytest.mark.parametrize("implementation", ["reference", "fused"])
+def test_uniform_weights_average_the_level_errors(implementation: str) -> None:
+    """Default weights make the loss the mean of the per-level errors (not their sum), so it stays on the scale of a
+    single-level MSE; with levels=[K] it is TopK's MSE. Expectations: the float64 loop, averaged here by hand."""
+    loss_fn = HIERARCHICAL_LOSSES[implementation]
     problem = random_problem((10,), 4, 20, 6, torch.float64, seed=0)
-    problem["top_acts"] = torch.zeros_like(problem["top_acts"])
     levels = list(range(1, 7))
-    result = hierarchical_mse_reference(**problem, levels=levels, level_weights=uniform_level_weights(levels))
-    torch.testing.assert_close(result.loss, result.level_mse[0])
-    assert sum(uniform_level_weights(levels)) == pytest.approx(1.0)
+    result = loss_fn(**problem, levels=levels, level_weights=uniform_level_weights(levels))
+    _, per_level = naive_per_level_loss(**problem, levels=levels, weights=[1.0] * len(levels))
+    per_level = torch.stack(per_level)
+    assert per_level.max() > 1.2 * per_level.min(), "levels must differ for the mean to mean anything"
+    torch.testing.assert_close(result.level_mse, per_level, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(result.loss, per_level.sum() / len(levels), rtol=1e-12, atol=1e-12)
+    topk = loss_fn(**problem, levels=[6], level_weights=uniform_level_weights([6]))
+    torch.testing.assert_close(topk.loss, per_level[-1], rtol=1e-12, atol=1e-12)

@@ -16,6 +16,7 @@ from sae_lens_hierarchical import (
     load_sae,
 )
 from sae_lens_hierarchical.losses import hierarchical_mse_fused, hierarchical_mse_reference
+from tests.test_architecture import ranking_scores
 
 
 @st.composite
@@ -74,21 +75,42 @@ def test_fused_equals_reference_with_gradients(problem: dict) -> None:
     n_tokens=st.integers(1, 20),
     seed=st.integers(0, 2**31 - 1),
     ties=st.booleans(),
+    rescale=st.booleans(),
 )
-def test_budgets_are_nested_for_any_input(k: int, extra_latents: int, n_tokens: int, seed: int, ties: bool) -> None:
+def test_budgets_are_nested_top_k_sets_for_any_input(
+    k: int, extra_latents: int, n_tokens: int, seed: int, ties: bool, rescale: bool
+) -> None:
+    """At every budget the active latents are a top-k set of scores computed from the weights in float64, their
+    values are those scores, and each budget's set contains the previous one (ties included)."""
     torch.manual_seed(seed)
-    sae = HierarchicalTopKSAE(HierarchicalTopKSAEConfig(d_in=6, d_sae=k + extra_latents, k=k))
-    x = torch.randn(n_tokens, 6)
-    if ties:  # identical encoder columns give exactly tied pre-activations
-        with torch.no_grad():
+    sae = HierarchicalTopKSAE(
+        HierarchicalTopKSAEConfig(d_in=6, d_sae=k + extra_latents, k=k, rescale_acts_by_decoder_norm=rescale)
+    )
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_(0, 0.1)
+        if ties:  # identical encoder columns and biases give exactly tied pre-activations
             sae.W_enc[:, 1:] = sae.W_enc[:, :1]
             sae.b_enc.zero_()
-    previous = None
+            sae.W_dec.copy_(sae.W_dec[:1].expand_as(sae.W_dec))  # and equal norms, so rescaled scores tie too
+    x = torch.randn(n_tokens, 6)
+    scores = ranking_scores(sae, x)
+    tolerance = 1e-5 * (1 + scores.abs().max().item())
+    previous = torch.zeros_like(scores, dtype=torch.bool)
     for budget in range(1, k + 1):
-        active = sae.encode(x, k=budget) != 0
-        assert (active.sum(-1) <= budget).all()
-        if previous is not None:
-            assert (previous <= active).all(), f"top-{budget - 1} set not inside top-{budget} set"
+        acts = sae.encode(x, k=budget).double()
+        active = acts != 0
+        kth_score = scores.topk(budget, dim=-1).values[..., -1:]
+        # each active latent carries its own (positive) score and is among the top `budget` scores ...
+        torch.testing.assert_close(acts, torch.where(active, scores, 0.0), rtol=0, atol=tolerance)
+        assert (scores[active] >= kth_score.expand_as(scores)[active] - tolerance).all()
+        # ... and every latent clearly above the budget-th score, and positive, is active
+        assert (active | (scores <= kth_score + tolerance) | (scores <= tolerance)).all()
+        # sorted values: exactly the ReLU of the top `budget` scores (whatever latents won the ties)
+        torch.testing.assert_close(
+            acts.topk(budget, dim=-1).values, scores.topk(budget, dim=-1).values.relu(), rtol=0, atol=tolerance
+        )
+        assert (previous <= active).all(), f"top-{budget - 1} set not inside top-{budget} set"
         previous = active
 
 

@@ -18,7 +18,6 @@ from sae_lens_hierarchical.losses import (
     HierarchicalMSE,
     auto_loss_implementation,
     hierarchical_mse_auto,
-    hierarchical_mse_fused,
     hierarchical_mse_reference,
 )
 from tests.test_fused_loss import DIFFERENTIABLE, gradients, resolve
@@ -146,6 +145,22 @@ def test_triton_rejects_bad_arguments(kernels, device, overrides, message) -> No
         run_kernels(kernels, device, problem, **options)
 
 
+def test_triton_tables_first_built_under_inference_mode_still_train(kernels, device) -> None:
+    """The rank tables are cached; when an evaluation under ``torch.inference_mode()`` builds them first, training
+    must still be able to save the rank weights for backward."""
+    levels, weights = [2, 5], [0.7, 0.3]
+    problem = random_problem((6,), 7, 20, 5, torch.float32, seed=14)
+    options = {"levels": levels, "level_weights": weights, "block_tokens": 4, "block_d": 4}
+    kernels._rank_tables.cache_clear()
+    with torch.inference_mode():
+        run_kernels(kernels, device, problem, **options)
+    _, ours = gradients(problem, lambda p: run_kernels(kernels, device, p, **options).loss)
+    problem64 = {name: t.double() if t.is_floating_point() else t for name, t in problem.items()}
+    _, loop = gradients(problem64, lambda p: naive_per_level_loss(**p, levels=levels, weights=weights)[0])
+    for name, got, exact in zip(DIFFERENTIABLE, ours, loop, strict=True):
+        _relative_close(got, exact, f"gradient of {name}")
+
+
 def test_registered_triton_loss_uses_the_kernels(kernels, device) -> None:
     levels, weights = [1, 3], [0.5, 0.5]
     problem = {name: t.to(device) for name, t in random_problem((5,), 6, 20, 3, torch.float32, seed=1).items()}
@@ -169,17 +184,43 @@ def test_auto_picks_torch_on_cpu_and_for_float64_and_triton_only_on_cuda(monkeyp
     assert auto_loss_implementation("cuda", torch.float32) == "fused"
 
 
-def test_auto_on_cpu_is_exactly_the_torch_fused_path(monkeypatch) -> None:
-    def no_triton(*args, **kwargs):
-        raise AssertionError("the Triton loss must not run on CPU tensors")
+@pytest.mark.parametrize("W_dec_dtype", [torch.float32, torch.float64])
+def test_auto_on_cpu_runs_the_torch_fused_path_and_matches_the_float64_loop(monkeypatch, W_dec_dtype) -> None:
+    """Which implementation ``auto`` runs (spied), with what it asked the chooser, and that the result is right."""
+    from sae_lens_hierarchical import losses
 
-    monkeypatch.setitem(HIERARCHICAL_LOSSES, "triton", no_triton)
+    ran: list[str] = []
+    asked: list[tuple[torch.device, torch.dtype]] = []
+
+    def spy(name: str):
+        original = HIERARCHICAL_LOSSES[name]
+
+        def wrapper(*args, **kwargs):
+            ran.append(name)
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    def chooser(device, dtype):
+        asked.append((torch.device(device), dtype))
+        return auto_loss_implementation(device, dtype)
+
+    monkeypatch.setattr(losses, "triton_available", lambda: True)  # triton installed does not matter on CPU
+    monkeypatch.setattr(losses, "auto_loss_implementation", chooser)
+    for name in ("fused", "reference", "triton"):
+        monkeypatch.setitem(HIERARCHICAL_LOSSES, name, spy(name))
     levels, weights = [2, 4, 7], [0.5, 0.25, 0.25]
     problem = random_problem((4, 5), 8, 30, 7, torch.float32, seed=6)
-    _, auto = gradients(problem, lambda p: hierarchical_mse_auto(**p, levels=levels, level_weights=weights).loss)
-    _, fused = gradients(problem, lambda p: hierarchical_mse_fused(**p, levels=levels, level_weights=weights).loss)
-    for name, got, expected in zip(DIFFERENTIABLE, auto, fused, strict=True):
-        assert torch.equal(got, expected), name
+    problem["W_dec"] = problem["W_dec"].to(W_dec_dtype)
+    loss, auto = gradients(problem, lambda p: hierarchical_mse_auto(**p, levels=levels, level_weights=weights).loss)
+    assert ran == ["fused"], ran
+    assert asked == [(torch.device("cpu"), W_dec_dtype)], "the choice must see the promoted dtype of the inputs"
+    problem64 = {name: t.double() if t.is_floating_point() else t for name, t in problem.items()}
+    expected, loop = gradients(problem64, lambda p: naive_per_level_loss(**p, levels=levels, weights=weights)[0])
+    _relative_close(loss, expected, "loss")
+    for name, got, exact in zip(DIFFERENTIABLE, auto, loop, strict=True):
+        assert got.dtype == problem[name].dtype, name
+        _relative_close(got, exact, f"gradient of {name}")
 
 
 def test_triton_loss_without_triton_says_how_to_install_it(monkeypatch) -> None:
