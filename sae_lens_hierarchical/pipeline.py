@@ -38,9 +38,11 @@ from sae_lens_hierarchical.activation_cache import (
 )
 from sae_lens_hierarchical.evaluation import (
     BudgetMetrics,
+    BudgetResults,
     default_budgets,
     evaluate_over_k,
     format_comparison_table,
+    format_first_rank_table,
     format_markdown_table,
     plot_comparison,
     plot_over_k,
@@ -246,8 +248,15 @@ def run_training_job(
 
 
 def write_report(results: list[BudgetMetrics], directory: Path, title: str) -> None:
-    """``per_k.md`` (table), ``per_k.json`` and ``per_k.png`` (plot) in ``directory``."""
-    (directory / "per_k.md").write_text(format_markdown_table(results) + "\n")
+    """``per_k.md`` (table), ``per_k.json`` and ``per_k.png`` (plot) in ``directory``.
+
+    Results of :func:`evaluate_over_k` also carry each latent's first rank: its histogram is a second table in
+    ``per_k.md`` and a panel of ``per_k.png``; ``per_k.json`` stays the list of per-budget rows its readers expect.
+    """
+    table = format_markdown_table(results)
+    if isinstance(results, BudgetResults):
+        table += "\n\nLatents by the first rank at which they fire:\n\n" + format_first_rank_table(results.first_ranks)
+    (directory / "per_k.md").write_text(table + "\n")
     (directory / "per_k.json").write_text(json.dumps([r.to_dict() for r in results], indent=2))
     plot_over_k(results, directory / "per_k.png", title=title)
 

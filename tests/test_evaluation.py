@@ -1,86 +1,273 @@
-"""evaluate_over_k against independent per-k computations and against SAELens's own evals."""
+"""evaluate_over_k, its tables and plots against independent float64 computations and SAELens's own evals.
+
+The reference ranks each token's latents with ``torch.topk`` on ``W_enc``/``b_enc`` in float64 and rebuilds every
+budget's reconstruction by a loop over ranks: nothing in it calls the SAE's encode, decode or ranking.
+"""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
+import matplotlib.image
 import pytest
 import torch
-from sae_lens import SAE, TopKSAE, TopKSAEConfig
+from sae_lens import SAE, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
 from sae_lens.evals import get_recons_loss
 from sae_lens.training.activation_scaler import ActivationScaler
+from torch._C._profiler import _EventType
+from torch.profiler import ProfilerActivity, profile
 from transformer_lens import HookedTransformer
 
-from sae_lens_hierarchical import load_sae, presets
-from sae_lens_hierarchical.evaluation import BudgetMetrics, evaluate_over_k, format_markdown_table, plot_over_k
+from sae_lens_hierarchical import HierarchicalTopKSAE, HierarchicalTopKSAEConfig, load_sae, presets
+from sae_lens_hierarchical.evaluation import (
+    BudgetMetrics,
+    BudgetResults,
+    evaluate_over_k,
+    figure_over_k,
+    format_first_rank_table,
+    format_markdown_table,
+    plot_first_ranks,
+    plot_over_k,
+)
+from sae_lens_hierarchical.pipeline import write_report
 from tests.conftest import TRAINED_K
 
 BUDGETS = [1, 3, 8, 16]
+METRICS = ["mse", "fvu", "cossim", "l0", "alive_fraction"]
 
 
 @torch.no_grad()
-def per_k_reference(reconstruct: object, x: torch.Tensor, encode: object) -> dict[str, float]:
-    """FVU, cosine, L0 and alive fraction of one budget, computed in float64 from the SAE's own encode/decode."""
-    x64 = x.double()
-    recon = reconstruct(x).double()  # type: ignore[operator]
-    acts = encode(x)  # type: ignore[operator]
-    total_variance = (x64 - x64.mean(dim=0)).pow(2).sum()
-    return {
-        "fvu": float((recon - x64).pow(2).sum() / total_variance),
-        "mse": float((recon - x64).pow(2).sum(dim=-1).mean()),
-        "cossim": float(torch.nn.functional.cosine_similarity(recon, x64, dim=-1).mean()),
-        "l0": float((acts > 0).sum(dim=-1).double().mean()),
-        "alive_fraction": float((acts > 0).any(dim=0).double().mean()),
-    }
+def float64_ranking(sae: SAE, x: torch.Tensor, n_ranks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(activations, latent indices, decoder coefficients)``, each ``[tokens, n_ranks]`` float64, largest first.
+
+    Pre-activations straight from the weights, ranked (times the decoder row norms when the SAE rescales by them)
+    with ``torch.topk``; a ReLU SAE's ranking is the same, since ReLU keeps the order of positive values.
+    """
+    W_enc, b_enc, W_dec, b_dec = (t.detach().double().cpu() for t in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec))
+    hidden_pre = (x.double().cpu() - b_dec * sae.cfg.apply_b_dec_to_input) @ W_enc + b_enc
+    norms = W_dec.norm(dim=-1) if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False) else torch.ones(len(W_dec))
+    values, indices = torch.topk(hidden_pre * norms, n_ranks, dim=-1, sorted=True)
+    acts = values.relu()
+    return acts, indices, acts / norms[indices]
 
 
-def assert_matches(result: BudgetMetrics, reference: dict[str, float]) -> None:
-    for name, value in reference.items():
-        assert getattr(result, name) == pytest.approx(value, rel=1e-4, abs=1e-6), name
-    assert result.dead_fraction == pytest.approx(1 - reference["alive_fraction"])
-    assert result.explained_variance == pytest.approx(1 - reference["fvu"])
-
-
-def assert_matches_truncation(sae: SAE, activations: torch.Tensor, results: list[BudgetMetrics]) -> None:
-    """Each result equals the SAE's own encode, cut to its k largest activations, then its own decode."""
-
-    def truncated(x: torch.Tensor, k: int) -> torch.Tensor:
-        acts = sae.encode(x)
-        values, indices = acts.topk(k, dim=-1)
-        return torch.zeros_like(acts).scatter(-1, indices, values)
-
-    for result in results:
-        reference = per_k_reference(
-            lambda x, k=result.k: sae.decode(truncated(x, k)), activations, lambda x, k=result.k: truncated(x, k)
+@torch.no_grad()
+def float64_reference(sae: SAE, x: torch.Tensor, ks: list[int]) -> tuple[list[dict[str, float]], torch.Tensor]:
+    """Per budget in ``ks``: MSE, FVU, cosine, L0 and alive fraction; and each latent's first rank (0: never)."""
+    acts, indices, coefficients = float64_ranking(sae, x, max(ks))
+    W_dec, b_dec = sae.W_dec.detach().double().cpu(), sae.b_dec.detach().double().cpu()
+    x = x.double().cpu()
+    total_variance = (x - x.mean(dim=0)).pow(2).sum()
+    metrics = []
+    for k in ks:
+        reconstruction = b_dec.expand_as(x).clone()
+        for rank in range(k):
+            reconstruction += coefficients[:, rank, None] * W_dec[indices[:, rank]]
+        active = acts[:, :k] > 0
+        metrics.append(
+            {
+                "mse": float((reconstruction - x).pow(2).sum(dim=-1).mean()),
+                "fvu": float((reconstruction - x).pow(2).sum() / total_variance),
+                "cossim": float(torch.nn.functional.cosine_similarity(reconstruction, x, dim=-1).mean()),
+                "l0": float(active.sum(dim=-1).double().mean()),
+                "alive_fraction": len(set(indices[:, :k][active].tolist())) / sae.cfg.d_sae,
+            }
         )
-        assert_matches(result, reference)
+    first_rank = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
+    for rank in reversed(range(max(ks))):  # smaller ranks overwrite larger ones
+        first_rank[indices[:, rank][acts[:, rank] > 0]] = rank + 1
+    return metrics, first_rank
 
 
-def test_hierarchical_budgets_match_encode_decode_at_each_k(
+def assert_matches_reference(
+    sae: SAE, activations: torch.Tensor, results: list[BudgetMetrics], rel: float, abs: float = 1e-7
+) -> None:
+    """Every metric of every budget, the first ranks and the histogram of ``results`` equal the float64 reference."""
+    ks = [r.k for r in results]
+    reference, first_rank = float64_reference(sae, activations, ks)
+    for result, expected in zip(results, reference, strict=True):
+        for name in METRICS:
+            assert getattr(result, name) == pytest.approx(expected[name], rel=rel, abs=abs), (result.k, name)
+        assert result.explained_variance == pytest.approx(1 - expected["fvu"], rel=rel, abs=abs)
+        assert result.dead_fraction == pytest.approx(1 - expected["alive_fraction"], rel=rel, abs=abs)
+    assert isinstance(results, BudgetResults)
+    first_ranks = results.first_ranks
+    assert first_ranks.max_rank == ks[-1]
+    assert torch.equal(first_ranks.ranks, first_rank)
+    assert first_ranks.counts == [int((first_rank == r).sum()) for r in range(1, ks[-1] + 1)]
+    assert first_ranks.never_fired == int((first_rank == 0).sum())
+
+
+def random_topk_sae(d_in: int = 32, d_sae: int = 96, k: int = 12, **kwargs: object) -> TopKSAE:
+    """A SAELens TopK SAE whose decoder rows have unequal norms (so rescaling by them matters)."""
+    torch.manual_seed(0)
+    sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=k, **kwargs))  # type: ignore[arg-type]
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(d_sae, 1) + 0.5)
+    return sae
+
+
+def test_hierarchical_budgets_match_a_float64_ranking_of_the_weights(
     trained_sae_dir: Path, held_out_activations: torch.Tensor
 ) -> None:
     sae = load_sae(trained_sae_dir)
     results = evaluate_over_k(trained_sae_dir, held_out_activations, ks=BUDGETS, batch_size=300, progress=False)
     assert [r.k for r in results] == BUDGETS
-    for result in results:
-        reference = per_k_reference(
-            lambda x, k=result.k: sae.decode(sae.encode(x, k=k)),
-            held_out_activations,
-            lambda x, k=result.k: sae.encode(x, k=k),
-        )
-        assert_matches(result, reference)
+    assert_matches_reference(sae, held_out_activations, results, rel=1e-4)
+    # In float64 the ranking is the reference's exactly, at every budget 1..K: equal to rounding error.
+    every_k = list(range(1, TRAINED_K + 1))
+    sae64 = sae.to(torch.float64)
+    results64 = evaluate_over_k(sae64, held_out_activations.double(), ks=every_k, batch_size=300, progress=False)
+    assert_matches_reference(sae64, held_out_activations, results64, rel=1e-9, abs=1e-12)
+    assert [results64.first_ranks.alive_fraction(k) for k in every_k] == [r.alive_fraction for r in results64]
     assert results[0].alive_fraction < results[-1].alive_fraction
 
 
-def test_sae_lens_topk_is_evaluated_truncated_to_its_largest_activations(held_out_activations: torch.Tensor) -> None:
-    torch.manual_seed(0)
-    sae = TopKSAE(TopKSAEConfig(d_in=32, d_sae=96, k=12, rescale_acts_by_decoder_norm=True))
-    with torch.no_grad():
-        sae.W_dec.mul_(torch.rand(96, 1) + 0.5)  # unequal row norms: the rescaling must be honoured
+@pytest.mark.parametrize("rescale", [False, True])
+def test_sae_lens_topk_is_evaluated_truncated_to_its_largest_activations(
+    held_out_activations: torch.Tensor, rescale: bool
+) -> None:
+    sae = random_topk_sae(rescale_acts_by_decoder_norm=rescale)
     results = evaluate_over_k(sae, held_out_activations, ks=[2, 5, 12], progress=False)
-    assert_matches_truncation(sae, held_out_activations, results)
-    # At its own k, truncation is the identity: the metrics are those of the SAE's forward pass.
-    assert results[-1].fvu == pytest.approx(per_k_reference(sae, held_out_activations, sae.encode)["fvu"], rel=1e-5)
+    assert_matches_reference(sae, held_out_activations, results, rel=1e-4)
+    # At its own k, truncation is the identity: the FVU is that of SAELens's own forward pass.
+    x = held_out_activations.double()
+    with torch.no_grad():
+        fvu = (sae(held_out_activations).double() - x).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum()
+    assert results[-1].fvu == pytest.approx(float(fvu), rel=1e-5)
+
+
+def test_sae_without_k_needs_budgets_and_counts_only_active_latents(held_out_activations: torch.Tensor) -> None:
+    """A ReLU SAE has inactive latents inside its top-k: they count neither for L0 nor as alive."""
+    torch.manual_seed(0)
+    sae = StandardSAE(StandardSAEConfig(d_in=32, d_sae=64))
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.linspace(-40.0, 0.0, 64))  # some latents never fire, others rarely
+    with pytest.raises(ValueError, match="has no k"):
+        evaluate_over_k(sae, held_out_activations, progress=False)
+    results = evaluate_over_k(sae, held_out_activations, ks=[2, 64], progress=False)
+    assert_matches_reference(sae, held_out_activations, results, rel=1e-4)
+    assert 0 < results[-1].alive_fraction < 1
+    assert results.first_ranks.never_fired > 0
+
+
+def peak_allocated_bytes(run: object) -> int:
+    """Most bytes held at once by CPU tensors allocated during ``run()``, from the profiler's allocation records."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        run()  # type: ignore[operator]
+    events, allocations = list(profiler.profiler.kineto_results.experimental_event_tree()), []  # type: ignore[union-attr]
+    while events:
+        event = events.pop()
+        events.extend(event.children)
+        if event.tag == _EventType.Allocation:
+            allocations.append((event.start_time_ns, event.extra_fields.alloc_size))  # negative for frees
+    live = peak = 0
+    for _, size in sorted(allocations):
+        live += size
+        peak = max(peak, live)
+    return peak
+
+
+def test_prefixes_are_decoded_without_gathering_decoder_rows() -> None:
+    """Peak memory stays far below one ``[batch, Δk, d_in]`` block of gathered decoder rows; results are exact."""
+    torch.manual_seed(0)
+    sae = HierarchicalTopKSAE(HierarchicalTopKSAEConfig(d_in=64, d_sae=256, k=64))
+    activations = torch.randn(1024, 64)
+    batch_size, ks = 512, [1, 64]
+    returned: dict[str, BudgetResults] = {}
+    peak = peak_allocated_bytes(
+        lambda: returned.update(results=evaluate_over_k(sae, activations, ks, batch_size=batch_size, progress=False))
+    )
+    gathered_rows = batch_size * (ks[1] - ks[0]) * sae.cfg.d_in * 4  # 8.3 MB; gathering them peaked at 10.0 MB
+    assert peak < gathered_rows / 2, f"peak {peak / 1e6:.2f} MB"  # embedding_bag: 2.1 MB
+    assert_matches_reference(sae, activations, returned["results"], rel=1e-4)
+
+
+def parse_markdown_table(text: str) -> tuple[list[str], list[list[str]]]:
+    """``(header cells, rows of cells)`` of the first markdown table in ``text``."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    assert all(re.fullmatch(r"-*:?", cell) for cell in cells[1]), "second line must be the rule"
+    return cells[0], cells[2:]
+
+
+def synthetic_results(downstream: bool) -> list[BudgetMetrics]:
+    """Budgets whose every field has a distinct value, so a swapped or misformatted column cannot match."""
+    results = []
+    for i, k in enumerate((1, 4, 32)):
+        fvu = 0.61 / (i + 1)
+        scores = (0.5 + i / 10, 0.4 + i / 9, 3.3 - i / 7, 2.9, 9.1, 0.2 / (i + 1), 2.2) if downstream else ()
+        results.append(
+            BudgetMetrics(k, 1234.5 / (i + 1), fvu, 1 - fvu, 0.9 + i / 50, k - 0.25, 0.3 + i / 5, 0.7 - i / 5, *scores)
+        )
+    return results
+
+
+@pytest.mark.parametrize("downstream", [False, True])
+def test_markdown_table_parses_back_to_the_results(downstream: bool) -> None:
+    results = synthetic_results(downstream)
+    header, rows = parse_markdown_table(format_markdown_table(results))
+    columns = ["k", "l0", "fvu", "explained_variance", "mse", "cossim", "alive_fraction"]
+    names = ["k", "L0", "FVU", "explained variance", "MSE", "cos sim", "alive"]
+    if downstream:
+        columns += ["ce_loss_score", "kl_div_score", "ce_loss_with_sae"]
+        names += ["CE-loss score", "KL score", "CE with SAE"]
+    assert header == names
+    assert len(rows) == len(results)
+    for row, result in zip(rows, results, strict=True):
+        assert len(row) == len(columns)
+        for cell, column in zip(row, columns, strict=True):
+            # Four significant digits or decimals at most: within 5e-4 relative or 5e-5 absolute.
+            assert float(cell) == pytest.approx(getattr(result, column), rel=5e-4, abs=5e-5), column
+
+
+def test_first_rank_table_and_report_files(held_out_activations: torch.Tensor, tmp_path: Path) -> None:
+    sae = random_topk_sae(d_sae=64, k=12)
+    results = evaluate_over_k(sae, held_out_activations, ks=[1, 3, 12], progress=False)
+    _, first_rank = float64_reference(sae, held_out_activations, [12])
+    _, rows = parse_markdown_table(format_first_rank_table(results.first_ranks))
+    spans = [(1, 1), (2, 2), (3, 4), (5, 8), (9, 12)]
+    assert [row[0] for row in rows] == ["1", "2", "3-4", "5-8", "9-12", "never"]
+    for row, (low, high) in zip(rows, spans, strict=False):
+        assert int(row[1]) == int(((first_rank >= low) & (first_rank <= high)).sum()), row
+        alive = float(((first_rank >= 1) & (first_rank <= high)).double().mean())
+        assert float(row[3]) == pytest.approx(alive, abs=5e-4), row
+    assert int(rows[-1][1]) == int((first_rank == 0).sum())
+    assert float(rows[4][3]) == pytest.approx(results[-1].alive_fraction, abs=5e-4)
+
+    write_report(results, tmp_path, title="t")
+    assert json.loads((tmp_path / "per_k.json").read_text()) == [r.to_dict() for r in results]
+    report = (tmp_path / "per_k.md").read_text()
+    assert report.startswith(format_markdown_table(results) + "\n\n")
+    assert report.endswith(format_first_rank_table(results.first_ranks) + "\n")
+    assert matplotlib.image.imread(tmp_path / "per_k.png").shape == (420, 3 * 540, 4)
+
+
+def test_plots_draw_the_results(held_out_activations: torch.Tensor, tmp_path: Path) -> None:
+    sae = random_topk_sae(d_sae=64, k=12)
+    results = evaluate_over_k(sae, held_out_activations, ks=[1, 3, 12], progress=False)
+    _, first_rank = float64_reference(sae, held_out_activations, [12])
+    figure = figure_over_k(results)
+    fvu, explained, ranks = (axis.lines[0].get_xydata().tolist() for axis in figure.axes)
+    assert fvu == [[r.k, r.fvu] for r in results]
+    assert explained == [[r.k, r.explained_variance] for r in results]
+    assert ranks == [[r, int((first_rank == r).sum())] for r in range(1, 13)]
+    assert [axis.get_xscale() for axis in figure.axes] == ["log"] * 3
+    assert f"({int((first_rank == 0).sum())} never fired)" in figure.axes[2].get_title()
+
+    # With CE-loss scores a third panel; a plain list of metrics has no first ranks to draw.
+    with_scores = synthetic_results(downstream=True)
+    figure = figure_over_k(with_scores)
+    assert len(figure.axes) == 3
+    assert figure.axes[2].lines[0].get_xydata().tolist() == [[r.k, r.ce_loss_score] for r in with_scores]
+
+    image = matplotlib.image.imread(plot_over_k(results, tmp_path / "p.png"))
+    assert image.shape == (420, 3 * 540, 4)  # 3.5 x 4.5 inches per panel at 120 dpi, RGBA
+    assert image[..., :3].std() > 0.05, "the PNG must not be blank"
+    image = matplotlib.image.imread(plot_first_ranks(results.first_ranks, tmp_path / "r.png"))
+    assert image.shape == (456, 660, 4)
 
 
 def test_downstream_scores_equal_sae_lens_get_recons_loss_at_each_k(
@@ -121,17 +308,6 @@ def test_downstream_scores_equal_sae_lens_get_recons_loss_at_each_k(
     assert results[0].kl_div_with_sae > results[-1].kl_div_with_sae
 
 
-def test_reports_show_downstream_columns_and_plot(trained_sae_dir: Path, tmp_path: Path) -> None:
-    without = [BudgetMetrics(k, 1.0, 0.5, 0.5, 0.9, float(k), 0.8, 0.2) for k in (1, 2)]
-    with_scores = [
-        BudgetMetrics(k, 1.0, 0.5, 0.5, 0.9, float(k), 0.8, 0.2, 0.7, 0.6, 3.0, 2.0, 9.0, 0.1, 2.0) for k in (1, 2)
-    ]
-    assert "CE-loss score" not in format_markdown_table(without)
-    assert "| 2 | 2.00 | 0.5000 |" in format_markdown_table(with_scores)
-    assert "0.7000 | 0.6000 | 3.0000 |" in format_markdown_table(with_scores)
-    assert plot_over_k(with_scores, tmp_path / "p.png").stat().st_size > 1000
-
-
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -150,18 +326,3 @@ def test_bad_inputs_name_the_value(
     arguments: dict[str, object] = {"activations": held_out_activations, **kwargs}
     with pytest.raises(ValueError, match=message):
         evaluate_over_k(sae, progress=False, **arguments)  # type: ignore[arg-type]
-
-
-def test_sae_without_k_needs_budgets_and_counts_only_active_latents(held_out_activations: torch.Tensor) -> None:
-    """A ReLU SAE has inactive latents inside its top-k: they count neither for L0 nor as alive."""
-    from sae_lens import StandardSAE, StandardSAEConfig
-
-    torch.manual_seed(0)
-    sae = StandardSAE(StandardSAEConfig(d_in=32, d_sae=64))
-    with torch.no_grad():
-        sae.b_enc.copy_(torch.linspace(-40.0, 0.0, 64))  # some latents never fire, others rarely
-    with pytest.raises(ValueError, match="has no k"):
-        evaluate_over_k(sae, held_out_activations, progress=False)
-    results = evaluate_over_k(sae, held_out_activations, ks=[2, 64], progress=False)
-    assert_matches_truncation(sae, held_out_activations, results)
-    assert 0 < results[-1].alive_fraction < 1
