@@ -20,6 +20,7 @@ from sae_lens_hierarchical.hierarchical_topk_sae import (
     HierarchicalTopKTrainingSAE,
     HierarchicalTopKTrainingSAEConfig,
 )
+from sae_lens_hierarchical.inspection import active_latents
 from sae_lens_hierarchical.loading import load_sae
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "HierarchicalTopKSAEConfig",
     "HierarchicalTopKTrainingSAE",
     "HierarchicalTopKTrainingSAEConfig",
+    "active_latents",
     "load_sae",
 ]
 
