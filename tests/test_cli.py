@@ -6,12 +6,70 @@ import json
 import os
 from pathlib import Path
 
+import matplotlib.image
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from sae_lens_hierarchical import HierarchicalTopKSAE, load_sae, presets
 from sae_lens_hierarchical.cli import main
+from sae_lens_hierarchical.pipeline import prepare_embedded_activations
 
 TINY_TRAIN = ["--preset", "tiny-random", "--training-tokens", "8000", "--eval-tokens", "2000", "--wandb", "disabled"]
+
+
+def metrics_by_hand(sae_dir: Path, activations: torch.Tensor, ks: list[int]) -> dict[int, dict[str, float]]:
+    """``{k: {"fvu", "mse", "l0", "alive_fraction"}}`` in float64 from the saved ``cfg.json`` and weights alone, not
+    the package's SAE or evaluation: rank by ``(x - b_dec) @ W_enc + b_enc`` (times decoder norms when rescaling), keep
+    the top k."""
+    cfg = json.loads((sae_dir / "cfg.json").read_text())
+    assert cfg.get("normalize_activations", "none") == "none", "activations must be in the SAE's units"
+    weights = {name: t.double() for name, t in load_file(sae_dir / "sae_weights.safetensors").items()}
+    W_enc, b_enc, W_dec, b_dec = (weights[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec"))
+    x = activations.double()
+    scores = (x - b_dec * cfg.get("apply_b_dec_to_input", True)) @ W_enc + b_enc
+    norms = W_dec.norm(dim=-1) if cfg.get("rescale_acts_by_decoder_norm", False) else torch.ones(W_dec.shape[0])
+    values, indices = (scores * norms).topk(max(ks), dim=-1, sorted=True)
+    acts = values.relu()
+    total_variance = (x - x.mean(dim=0)).pow(2).sum()
+    metrics = {}
+    for k in ks:
+        coefficients = acts[:, :k] / norms[indices[:, :k]]
+        reconstruction = b_dec + torch.einsum("tk,tkd->td", coefficients, W_dec[indices[:, :k]])
+        squared_error = (x - reconstruction).pow(2).sum()
+        metrics[k] = {
+            "fvu": float(squared_error / total_variance),
+            "mse": float(squared_error / x.shape[0]),
+            "l0": float((acts[:, :k] > 0).sum(dim=-1).double().mean()),
+            "alive_fraction": indices[:, :k][acts[:, :k] > 0].unique().numel() / W_dec.shape[0],
+        }
+    return metrics
+
+
+def assert_rows_match(rows: list[dict], expected: dict[int, dict[str, float]]) -> None:
+    """Recorded per-k rows (a report's JSON) against :func:`metrics_by_hand`; explained variance is 1 - FVU."""
+    assert [row["k"] for row in rows] == sorted(expected)
+    for row in rows:
+        for name, value in expected[row["k"]].items():
+            assert row[name] == pytest.approx(value, rel=1e-4, abs=1e-7), f"{name} at k={row['k']}"
+        assert row["explained_variance"] == pytest.approx(1 - row["fvu"], rel=1e-9, abs=1e-12)
+
+
+def assert_png_shows_a_plot(path: Path) -> None:
+    """The file decodes as an image of plausible size with more than a blank background drawn on it."""
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] >= 100 and image.shape[1] >= 100, image.shape
+    colours = torch.from_numpy(image[..., :3].reshape(-1, 3).copy()).unique(dim=0)
+    assert len(colours) > 10, f"{path.name} looks blank ({len(colours)} colours)"
+
+
+def held_out(eval_tokens: int, cache: Path) -> torch.Tensor:
+    """The held-out activations the jobs evaluate on (read back from the jobs' cache)."""
+    tiny = presets.get_preset(presets.TINY_MODEL_NAME)
+    activations = prepare_embedded_activations(
+        tiny, tiny.load_model("cpu"), eval_tokens, cache_root=cache, progress=False
+    )
+    return activations.held_out_activations()
 
 
 def test_train_writes_loadable_sae_report_and_reuses_cache(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -36,9 +94,18 @@ def test_train_writes_loadable_sae_report_and_reuses_cache(tmp_path: Path, capsy
     assert "| k | L0 | FVU |" in printed
     assert {p.name for p in output.iterdir()} == {"sae", "per_k.md", "per_k.json", "per_k.png", "job.json"}
     rows = json.loads((output / "per_k.json").read_text())
-    assert [row["k"] for row in rows] == [1, 2, 4, 8]
-    assert [row["l0"] for row in rows] == pytest.approx([1, 2, 4, 8])
-    assert (output / "per_k.png").read_bytes().startswith(b"\x89PNG")
+    activations = held_out(2000, cache)
+    by_hand = metrics_by_hand(output / "sae", activations, [1, 2, 4, 8])
+    assert_rows_match(rows, by_hand)
+    assert [row["l0"] for row in rows] == pytest.approx([1, 2, 4, 8], abs=0.05), "a trained SAE fills its budget"
+    # the markdown table's FVU column (4 decimals) is the same numbers
+    first_table = (output / "per_k.md").read_text().split("\n\n")[0]
+    table_rows = [line.split("|")[1:-1] for line in first_table.splitlines()]
+    fvu_column = {
+        int(cells[0]): float(cells[2]) for cells in table_rows if len(cells) > 2 and cells[0].strip().isdigit()
+    }
+    assert fvu_column == pytest.approx({k: round(metrics["fvu"], 4) for k, metrics in by_hand.items()}, abs=1.01e-4)
+    assert_png_shows_a_plot(output / "per_k.png")
     sae = load_sae(output / "sae")
     assert isinstance(sae, HierarchicalTopKSAE)
     assert (sae.cfg.k, sae.cfg.d_sae) == (8, 64)
@@ -64,6 +131,7 @@ def test_train_writes_loadable_sae_report_and_reuses_cache(tmp_path: Path, capsy
     table = capsys.readouterr().out
     assert "| 2 | 2.00 |" in table and "| 8 | 8.00 |" in table
     evaluated = json.loads((tmp_path / "eval" / "per_k.json").read_text())
+    assert_rows_match(evaluated, {k: by_hand[k] for k in (2, 8)})
     assert evaluated[1] == pytest.approx(rows[-1]), "evaluate must reproduce the training job's numbers at k=8"
 
 
@@ -122,7 +190,7 @@ def test_evaluate_accepts_a_sae_lens_topk_sae(tmp_path: Path, capsys: pytest.Cap
             str(tmp_path / "eval"),
         ]
     )
-    assert "| 2 | 2.00 |" in capsys.readouterr().out
     rows = json.loads((tmp_path / "eval" / "per_k.json").read_text())
-    assert [row["k"] for row in rows] == [2, 8]
+    assert_rows_match(rows, metrics_by_hand(tmp_path / "topk", held_out(2000, tmp_path / "cache"), [2, 8]))
+    assert f"| 2 | {rows[0]['l0']:.2f} |" in capsys.readouterr().out
     assert all(row["ce_loss_score"] is not None for row in rows)
