@@ -161,12 +161,25 @@ def test_triton_tables_first_built_under_inference_mode_still_train(kernels, dev
         _relative_close(got, exact, f"gradient of {name}")
 
 
-def test_registered_triton_loss_uses_the_kernels(kernels, device) -> None:
+def test_registered_triton_loss_runs_the_kernels(kernels, device, monkeypatch) -> None:
+    """``HIERARCHICAL_LOSSES["triton"]`` reaches the kernels' entry point (spied) and gives the float64 loop's loss."""
     levels, weights = [1, 3], [0.5, 0.5]
-    problem = {name: t.to(device) for name, t in random_problem((5,), 6, 20, 3, torch.float32, seed=1).items()}
-    registered = HIERARCHICAL_LOSSES["triton"](**problem, levels=levels, level_weights=weights)
-    direct = kernels.hierarchical_mse_triton(**problem, levels=levels, level_weights=weights)
-    torch.testing.assert_close(registered.loss, direct.loss, rtol=0, atol=0)
+    problem = random_problem((5,), 6, 20, 3, torch.float32, seed=1)
+    ran = []
+    original = kernels.hierarchical_mse_triton
+
+    def spy(*args, **kwargs):
+        ran.append(kwargs["levels"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "hierarchical_mse_triton", spy)
+    registered = HIERARCHICAL_LOSSES["triton"](
+        **{name: t.to(device) for name, t in problem.items()}, levels=levels, level_weights=weights
+    )
+    assert ran == [levels], "the registered loss must call the kernels' entry point once"
+    problem64 = {name: t.double() if t.is_floating_point() else t for name, t in problem.items()}
+    expected, _ = naive_per_level_loss(**problem64, levels=levels, weights=weights)
+    _relative_close(registered.loss.cpu(), expected, "loss")
 
 
 # --- automatic choice (no triton needed) ------------------------------------------------------------
