@@ -13,16 +13,19 @@ and SAE, and the training config and SAE. The loss math lives in :mod:`sae_lens_
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import os
 import shutil
 import tempfile
-import threading
+import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
@@ -51,14 +54,9 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_budget(value: object) -> bool:
-    """An int, or the symbolic int ``torch.compile`` traces a varying ``k`` argument as (one graph for every k)."""
-    return _is_int(value) or isinstance(value, torch.SymInt)
-
-
 def validate_k(k: object, max_k: int) -> int:
     """Return ``k`` if it is a valid inference budget for an SAE trained with ``K = max_k``."""
-    if not _is_budget(k) or not 1 <= k <= max_k:  # type: ignore[operator]
+    if not _is_int(k) or not 1 <= k <= max_k:  # type: ignore[operator]
         raise ValueError(f"k must be an int in 1..K={max_k} (the largest budget this SAE was trained for); got k={k!r}")
     return k  # type: ignore[return-value]
 
@@ -182,16 +180,27 @@ def save_files_atomically(path: str | Path, save: Callable[[Path], tuple[Path, P
 
 T_CFG = TypeVar("T_CFG", "HierarchicalTopKSAEConfig", "HierarchicalTopKTrainingSAEConfig")
 
-# Per-thread budget overrides of ``use_k``: {id(sae): stack of budgets}. Keyed by id, not stored on the SAE, so that
-# SAEs stay deep-copyable and picklable; an entry lives only inside a ``use_k`` block, which holds the SAE alive.
-_THREAD_BUDGETS = threading.local()
+# ``use_k`` budgets: {id(sae): k}, an immutable mapping per context, so per thread and per asyncio task, and restored
+# by token on exit whatever ran in between. Keyed by id rather than stored on the SAE so that SAEs stay deep-copyable;
+# an entry lives only inside a ``use_k`` block, which holds its SAE alive.
+_USE_K_BUDGETS: ContextVar[dict[int, int]] = ContextVar("sae_lens_hierarchical_use_k", default={})  # noqa: B039
 
 
-def _thread_budgets() -> dict[int, list[int]]:
-    budgets = getattr(_THREAD_BUDGETS, "by_sae", None)
-    if budgets is None:
-        budgets = _THREAD_BUDGETS.by_sae = {}
-    return budgets
+def _applied_to_root(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``method`` on the SAE an ``at_k`` view was made from, then bring every view's config, dtype and device up
+    to date: the weights are shared, so a fold or ``to`` must change the SAE and all its views together."""
+
+    @functools.wraps(method)
+    def on_root(self: Any, *args: Any, **kwargs: Any) -> Any:
+        root = self._view_root if self._view_root is not None else self
+        if root is not self:
+            result = getattr(root, method.__name__)(*args, **kwargs)
+            return self if result is root else result
+        result = method(self, *args, **kwargs)
+        self._sync_views()
+        return result
+
+    return on_root
 
 
 def _has_hooks(hook_point: nn.Module) -> bool:
@@ -208,14 +217,14 @@ class _VariableKMixin(Generic[T_CFG]):
 
     cfg: T_CFG
     activation_fn: NestedTopK
-    # The SAELens class whose ``encode``/``decode`` this one mirrors; a subclass overriding them gets SAELens's path.
-    _saelens_base: ClassVar[type[nn.Module]]
 
     @property
     def k(self) -> int:
-        """The budget ``encode(x)`` uses: this thread's innermost ``use_k``, else the ``set_k`` default (K)."""
-        stack = _thread_budgets().get(id(self))
-        return stack[-1] if stack else self.activation_fn.k
+        """The budget ``encode(x)`` uses: the innermost ``use_k`` of this thread/task, else the ``set_k`` default."""
+        budgets = _USE_K_BUDGETS.get()
+        if budgets and id(self) in budgets:  # no identity check otherwise: compiled code stays shared across SAEs
+            return budgets[id(self)]
+        return self.activation_fn.k
 
     @k.setter
     def k(self, k: int) -> None:
@@ -227,48 +236,90 @@ class _VariableKMixin(Generic[T_CFG]):
 
     @contextmanager
     def use_k(self, k: int) -> Iterator[None]:
-        """Run this thread's calls with budget ``k`` inside the block; restored on exit, also on error.
+        """Run this thread's (or asyncio task's) calls with budget ``k`` inside the block; restored on exit.
 
-        Thread-safe: the budget is kept per thread, so other threads (a data loader, a second hook site served
-        from another thread) keep theirs. Blocks nest. For one SAE at two budgets in one thread, use ``at_k``.
+        Safe under threads and tasks: the budget is kept in a ``contextvars`` context, so other threads and tasks
+        keep theirs; blocks nest. ``set_k`` inside a block takes effect after it. For one SAE at two budgets in one
+        thread, use ``at_k``. Under ``torch.compile``, pass ``k=`` instead: a state budget is a constant to dynamo.
         """
         k = validate_k(k, self.cfg.k)
-        budgets = _thread_budgets()
-        stack = budgets.setdefault(id(self), [])
-        stack.append(k)
+        token = _USE_K_BUDGETS.set({**_USE_K_BUDGETS.get(), id(self): k})
         try:
             yield
         finally:
-            stack.pop()
-            if not stack:
-                del budgets[id(self)]
+            _USE_K_BUDGETS.reset(token)
 
     def _budget(self, k: int | None) -> int:
         return self.k if k is None else validate_k(k, self.cfg.k)
 
+    # Set on views only (see ``at_k``): the SAE whose parameters a view shares.
+    _view_root: Any = None
+
     def at_k(self, k: int) -> Self:
         """A view of this SAE fixed at budget ``k``: the same parameter objects (no copy), its own hooks and budget.
 
-        Training or editing the view's parameters changes this SAE's, and vice versa. The view's ``k`` is ``k``
-        until its own ``set_k``/``use_k``; hooks added to the view are the view's only, so the same weights can be
-        attached at two budgets (``HookedSAETransformer.add_sae(sae.at_k(4))``).
+        The view's ``k`` is ``k`` until its own ``set_k``/``use_k``; hooks added to it are its own, and so is
+        ``cfg.metadata`` (set ``view.cfg.metadata.hook_name`` to splice it at another hook), so the same weights can be
+        attached at two budgets (``HookedSAETransformer.add_sae(sae.at_k(4))``). Everything else stays the SAE's:
+        ``to`` and the ``fold_*`` methods on either one change both, and a view refuses to load weights or train.
         """
         k = validate_k(k, self.cfg.k)
-        cfg = copy.deepcopy(self.cfg)
+        root = self._view_root if self._view_root is not None else self
+        cfg = copy.deepcopy(root.cfg)
+        cfg.metadata = copy.deepcopy(self.cfg.metadata)
         cfg.device = "meta"  # builds without allocating weights; the real ones are attached below
-        view = type(self)(cfg, use_error_term=self.use_error_term)  # type: ignore[call-arg]
-        view.cfg.device = self.cfg.device
-        for name, parameter in self.named_parameters(recurse=False):  # type: ignore[attr-defined]
-            setattr(view, name, parameter)
-        for name, buffer in self.named_buffers(recurse=False):  # type: ignore[attr-defined]
-            view.register_buffer(name, buffer, persistent=name not in self._non_persistent_buffers_set)  # type: ignore[attr-defined]
-        view.device, view.dtype = self.device, self.dtype  # type: ignore[attr-defined]
-        view.__dict__.update({name: self.__dict__[name] for name in self._view_state if name in self.__dict__})
+        with warnings.catch_warnings():  # SAELens's construction-time notices were already shown for the SAE itself
+            warnings.simplefilter("ignore")
+            view = type(root)(cfg)  # type: ignore[call-arg]
+            view.use_error_term = self.use_error_term  # type: ignore[attr-defined]
+        view.__dict__["_view_root"] = root  # a plain attribute, not a submodule: the view holds no state of its own
+        root.__dict__.setdefault("_view_refs", []).append(weakref.ref(view))
+        root._sync_views()
+        view.train(self.training)  # type: ignore[attr-defined]
         view.set_k(k)
         return view
 
-    # Plain attributes a view copies from its SAE (the training SAE adds its pending b_dec initialisation).
-    _view_state: ClassVar[tuple[str, ...]] = ()
+    def _sync_views(self) -> None:
+        """Give every live view this SAE's parameters, config (except its own metadata), dtype and device."""
+        for reference in self.__dict__.get("_view_refs", []):
+            view = reference()
+            if view is None:
+                continue
+            for field in fields(self.cfg):
+                if field.name != "metadata":
+                    setattr(view.cfg, field.name, copy.deepcopy(getattr(self.cfg, field.name)))
+            for name, parameter in self.named_parameters(recurse=False):  # type: ignore[attr-defined]
+                view._parameters[name] = parameter
+            view.dtype, view.device = self.dtype, self.device  # type: ignore[attr-defined]
+
+    @_applied_to_root
+    def to(self, *args: Any, **kwargs: Any) -> Self:
+        return super().to(*args, **kwargs)  # type: ignore[misc]
+
+    @_applied_to_root
+    def fold_W_dec_norm(self) -> None:
+        return super().fold_W_dec_norm()  # type: ignore[misc]
+
+    @_applied_to_root
+    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
+        return super().fold_activation_norm_scaling_factor(scaling_factor)  # type: ignore[misc]
+
+    @_applied_to_root
+    def fold_activation_whitening(self, *args: Any, **kwargs: Any) -> None:
+        return super().fold_activation_whitening(*args, **kwargs)  # type: ignore[misc]
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        """``nn.Module.load_state_dict``, refused on an ``at_k`` view (load into the SAE it was made from)."""
+        self._refuse_on_view("load weights")
+        result = super().load_state_dict(*args, **kwargs)  # type: ignore[misc]
+        self._sync_views()  # assign=True replaces the parameter objects
+        return result
+
+    def _refuse_on_view(self, action: str) -> None:
+        if self._view_root is not None:
+            raise ValueError(
+                f"this SAE is an at_k({self.activation_fn.k}) view and cannot {action}; use the SAE itself"
+            )
 
     def _scaled_hidden_pre(self, sae_in: torch.Tensor) -> torch.Tensor:
         """Pre-activations ``[..., d_sae]`` used for ranking (scaled by decoder norms when configured)."""
@@ -311,11 +362,16 @@ class _VariableKMixin(Generic[T_CFG]):
         """Reconstruction at budget ``k`` (default: the current ``self.k``), decoded sparsely when nothing watches.
 
         SAELens's path scatters dense ``[..., d_sae]`` activations and multiplies them by the whole decoder. When no
-        hook watches or edits the activations, no error term is wanted and ``encode``/``decode`` are not overridden,
-        the output is the same sum of k decoder rows, computed with ``embedding_bag`` (never ``[..., k, d_in]``).
+        hook watches or edits the activations, no error term is wanted, ``encode``/``decode`` are not overridden and
+        autocast is off, the output is the same sum of k decoder rows, from ``embedding_bag`` (no ``[..., k, d_in]``).
         """
         k = self._budget(k)
-        if self.use_error_term or _has_hooks(self.hook_sae_acts_post) or self._overrides_encode_or_decode():  # type: ignore[attr-defined]
+        if (
+            self.use_error_term  # type: ignore[attr-defined]
+            or _has_hooks(self.hook_sae_acts_post)  # type: ignore[attr-defined]
+            or self._overrides_encode_or_decode()
+            or torch.is_autocast_enabled(x.device.type)  # SAELens's decode rounds to the autocast dtype
+        ):
             with self.use_k(k):
                 return super().forward(x)  # type: ignore[misc]
         hidden_pre = self._scaled_hidden_pre(self.process_sae_in(x))
@@ -339,9 +395,13 @@ class _VariableKMixin(Generic[T_CFG]):
         return save_as_topk(self, path, k)  # type: ignore[arg-type]
 
     def _overrides_encode_or_decode(self) -> bool:
-        """Whether a subclass replaced ``encode`` or ``decode``, which the sparse paths would otherwise bypass."""
+        """Whether ``encode``/``decode`` (or the training SAE's ``encode_with_hidden_pre``) were replaced by a
+        subclass or on the instance: the sparse paths would otherwise bypass the replacement."""
         cls = type(self)
-        return cls.encode is not _VariableKMixin.encode or cls.decode is not self._saelens_base.decode  # type: ignore[attr-defined]
+        package_class = next(c for c in cls.__mro__ if c.__module__ == __name__ and c is not _VariableKMixin)
+        names = ("encode", "decode", "encode_with_hidden_pre")
+        replaced = any(getattr(cls, name, None) is not getattr(package_class, name, None) for name in names)
+        return replaced or any(name in self.__dict__ for name in names)
 
 
 def decode_rows(W_dec: torch.Tensor, indices: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
@@ -392,7 +452,6 @@ class HierarchicalTopKSAE(_VariableKMixin[HierarchicalTopKSAEConfig], TopKSAE):
 
     cfg: HierarchicalTopKSAEConfig  # type: ignore[assignment]
     activation_fn: NestedTopK
-    _saelens_base = TopKSAE
 
     @override
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -511,8 +570,6 @@ class HierarchicalTopKTrainingSAE(_VariableKMixin[HierarchicalTopKTrainingSAECon
 
     cfg: HierarchicalTopKTrainingSAEConfig  # type: ignore[assignment]
     activation_fn: NestedTopK
-    _saelens_base = TopKTrainingSAE
-    _view_state = ("b_dec_pending_mean_init",)
 
     def __init__(self, cfg: HierarchicalTopKTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
@@ -538,6 +595,14 @@ class HierarchicalTopKTrainingSAE(_VariableKMixin[HierarchicalTopKTrainingSAECon
         return self.hook_sae_acts_post(self.activation_fn(hidden_pre, self.k)), hidden_pre
 
     @override
+    def encode(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """``[..., d_in] -> [..., d_sae]`` at budget ``k``, via a subclass's ``encode_with_hidden_pre`` if any."""
+        if type(self).encode_with_hidden_pre is HierarchicalTopKTrainingSAE.encode_with_hidden_pre:
+            return super().encode(x, k)
+        with self.use_k(self._budget(k)):
+            return self.encode_with_hidden_pre(x)[0]
+
+    @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         """One step's losses, exactly SAELens's TopK step when ``hierarchy_levels == [K]``.
 
@@ -546,6 +611,7 @@ class HierarchicalTopKTrainingSAE(_VariableKMixin[HierarchicalTopKTrainingSAECon
         ``hook_sae_acts_post`` and every level is decoded by ``self.decode`` from the activations of ranks <= level
         (``hook_sae_recons`` fires once per level, K last), with SAELens's ``mse_loss_fn``. Both give the same loss.
         """
+        self._refuse_on_view("train")
         sae_in = step_input.sae_in
         if not bool(torch.isfinite(sae_in).all()):  # one host sync a step; NaN weights would otherwise be saved
             raise ValueError(
@@ -556,14 +622,12 @@ class HierarchicalTopKTrainingSAE(_VariableKMixin[HierarchicalTopKTrainingSAECon
             with torch.no_grad():
                 self.b_dec.copy_(sae_in.reshape(-1, sae_in.shape[-1]).mean(dim=0))
             self.b_dec_pending_mean_init = False
-        hidden_pre = self._scaled_hidden_pre(self.process_sae_in(sae_in))
-        top_acts, top_indices = self.activation_fn.top_k(hidden_pre)
         instrumented = _has_hooks(self.hook_sae_acts_post) or _has_hooks(self.hook_sae_recons)
         if instrumented or self._overrides_encode_or_decode():
-            mse_loss, level_mse, sae_out, feature_acts = self._hierarchical_loss_through_decode(
-                sae_in, top_acts, top_indices, hidden_pre
-            )
+            mse_loss, level_mse, sae_out, feature_acts, hidden_pre = self._hierarchical_loss_through_decode(sae_in)
         else:
+            hidden_pre = self._scaled_hidden_pre(self.process_sae_in(sae_in))
+            top_acts, top_indices = self.activation_fn.top_k(hidden_pre)
             mse_loss, level_mse, sae_out = self._hierarchical_loss_fused(sae_in, top_acts, top_indices)
             with torch.no_grad():
                 feature_acts = torch.zeros_like(hidden_pre).scatter_(-1, top_indices, top_acts)
@@ -617,13 +681,17 @@ class HierarchicalTopKTrainingSAE(_VariableKMixin[HierarchicalTopKTrainingSAECon
         return result.loss, result.level_mse, result.reconstruction.to(self.dtype)  # SAELens's sae_out dtype
 
     def _hierarchical_loss_through_decode(
-        self, sae_in: torch.Tensor, top_acts: torch.Tensor, top_indices: torch.Tensor, hidden_pre: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The loss by SAELens's dense path, one ``self.decode`` per level: ``(loss, level MSEs, sae_out, acts)``.
+        self, sae_in: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """SAELens's dense path, ``encode_with_hidden_pre`` at K then one ``self.decode`` per level.
 
-        Latents a hook activates outside the top-K count at every level; edits to the kept ones count from their rank.
+        Returns ``(loss, level MSEs, sae_out, feature_acts, hidden_pre)``. Level j decodes the activations of the
+        latents ranked <= j by ``hidden_pre``; latents a hook activates outside the top-K count at every level, edits
+        to the kept ones count from their rank. Memory: one dense ``[tokens, d_sae]`` graph per level.
         """
-        feature_acts = self.hook_sae_acts_post(torch.zeros_like(hidden_pre).scatter(-1, top_indices, top_acts))
+        with self.use_k(self.cfg.k):
+            feature_acts, hidden_pre = self.encode_with_hidden_pre(sae_in)
+        top_indices = self.activation_fn.top_k(hidden_pre)[1]
         level_mses = []
         sae_out = feature_acts
         for level in self.levels:
@@ -632,12 +700,13 @@ class HierarchicalTopKTrainingSAE(_VariableKMixin[HierarchicalTopKTrainingSAECon
             level_mses.append(self.mse_loss_fn(sae_out, sae_in).sum(dim=-1).mean())
         level_mse = torch.stack(level_mses)
         weights = torch.tensor(self.level_weights, dtype=level_mse.dtype, device=level_mse.device)
-        return (level_mse * weights).sum(), level_mse.detach(), sae_out, feature_acts
+        return (level_mse * weights).sum(), level_mse.detach(), sae_out, feature_acts, hidden_pre
 
 
-def _weights_loaded(module: nn.Module, _incompatible_keys: Any) -> None:
-    """Loaded weights are trained weights: no initialisation may overwrite them (``load_state_dict`` post-hook)."""
-    module.b_dec_pending_mean_init = False
+def _weights_loaded(module: nn.Module, incompatible_keys: Any) -> None:
+    """A loaded b_dec is a trained b_dec: no initialisation may overwrite it (``load_state_dict`` post-hook)."""
+    if "b_dec" not in incompatible_keys.missing_keys:
+        module.b_dec_pending_mean_init = False
 
 
 def _logged_level_positions(levels: list[int]) -> list[int]:

@@ -327,3 +327,52 @@ def test_instrumented_and_fused_training_paths_agree_at_every_level() -> None:
     with sae.hooks(fwd_hooks=[("hook_sae_recons", lambda value, hook: None)]):
         instrumented = train_step(sae, sae_in, dead_mask())
     assert_same_step(instrumented, fused)
+
+
+def test_an_encode_with_hidden_pre_override_is_used_as_on_saelens() -> None:
+    class HalfEncodeOurs(HierarchicalTopKTrainingSAE):
+        def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            acts, hidden_pre = super().encode_with_hidden_pre(x)
+            return 0.5 * acts, hidden_pre
+
+    class HalfEncodeTheirs(TopKTrainingSAE):
+        def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            acts, hidden_pre = super().encode_with_hidden_pre(x)
+            return 0.5 * acts, hidden_pre
+
+    ours, theirs = training_pair()
+    ours_half, theirs_half = HalfEncodeOurs(ours.cfg), HalfEncodeTheirs(theirs.cfg)
+    ours_half.load_state_dict(ours.state_dict())
+    theirs_half.load_state_dict(theirs.state_dict())
+    sae_in = torch.randn(40, D_IN)
+    assert_same_step(train_step(ours_half, sae_in, dead_mask()), train_step(theirs_half, sae_in, dead_mask()))
+    with torch.no_grad():
+        torch.testing.assert_close(ours_half.encode(sae_in), theirs_half.encode(sae_in).to_dense())
+        torch.testing.assert_close(ours_half(sae_in), theirs_half(sae_in))
+
+
+def test_a_decode_patched_on_the_instance_is_respected() -> None:
+    ours, _ = inference_pair()
+    x = torch.randn(6, D_IN)
+    original = ours.decode
+    ours.decode = lambda acts: 0.0 * original(acts)  # type: ignore[method-assign]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), torch.zeros(6, D_IN))
+
+
+def test_inference_under_autocast_equals_saelens_topk() -> None:
+    """SAELens rounds ``feature_acts @ W_dec`` to bfloat16 under autocast; our forward takes its path then."""
+    ours, theirs = inference_pair(rescale_acts_by_decoder_norm=True)
+    x = torch.randn(3, 5, D_IN) * 3
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_a_partial_load_without_b_dec_keeps_the_mean_initialisation_pending() -> None:
+    sae = HierarchicalTopKTrainingSAE(HierarchicalTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, b_dec_init="mean"))
+    state = {name: tensor for name, tensor in sae.state_dict().items() if name != "b_dec"}
+    sae.load_state_dict(state, strict=False)
+    batch = torch.randn(32, D_IN) + 4.0
+    with torch.no_grad():
+        sae.training_forward_pass(TrainStepInput(batch, {}, None, n_training_steps=0, is_logging_step=False))
+    torch.testing.assert_close(sae.b_dec, batch.mean(dim=0))
