@@ -14,6 +14,8 @@ floor, and ``ce_loss_score = (CE_zero - CE_sae) / (CE_zero - CE_clean)``,
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -113,17 +115,33 @@ def max_budget(sae: SAE[Any]) -> int | None:
     return int(k) if isinstance(k, int) and not isinstance(k, bool) else None
 
 
+@contextmanager
+def flat_inputs(sae: SAE[Any]) -> Iterator[None]:
+    """Let a hook_z inference SAE take flat ``[tokens, d_in]`` rows (it expects ``[..., n_heads, d_head]``).
+
+    Evaluation works on flattened activations, as SAELens's activation store and trainer do.
+    """
+    if not getattr(sae, "hook_z_reshaping_mode", False):
+        yield
+        return
+    sae.turn_off_forward_pass_hook_z_reshaping()
+    try:
+        yield
+    finally:
+        sae.turn_on_forward_pass_hook_z_reshaping()
+
+
 def ranked_latents(sae: SAE[Any], x: torch.Tensor, n_ranks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(activations, latent indices, decoder coefficients)``, each ``[tokens, n_ranks]``, largest first.
 
     HierarchicalTopK SAEs use their own nested ranking; other SAEs are encoded and their active latents
     ranked by activation, which is what truncating them to k keeps.
     """
-    if isinstance(sae, _VariableKMixin):
-        top_acts, top_indices = sae.encode_top_k(x)
-        top_acts, top_indices = top_acts[..., :n_ranks], top_indices[..., :n_ranks]
-        return top_acts, top_indices, sae.decoder_coefficients(top_acts, top_indices)
-    top_acts, top_indices = sae.encode(x).topk(n_ranks, dim=-1, sorted=True)
+    with flat_inputs(sae):
+        if isinstance(sae, _VariableKMixin):
+            top_acts, top_indices = sae.encode_top_k(x, k=n_ranks)
+            return top_acts, top_indices, sae.decoder_coefficients(top_acts, top_indices)
+        top_acts, top_indices = sae.encode(x).topk(n_ranks, dim=-1, sorted=True)
     coefficients = top_acts
     if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
         coefficients = top_acts / sae.W_dec.norm(dim=-1)[top_indices]

@@ -23,6 +23,7 @@ from sae_lens_hierarchical import (
     HierarchicalTopKTrainingSAEConfig,
     presets,
 )
+from sae_lens_hierarchical.evaluation import evaluate_over_k
 
 D_IN, D_SAE, K = 16, 64, 6
 
@@ -221,11 +222,25 @@ def test_hook_z_sae_trains_with_the_runner_on_an_attention_model(tmp_path, tiny_
     assert isinstance(sae, HierarchicalTopKTrainingSAE)
     loaded = SAE.load_from_disk(tmp_path / "sae")
     assert isinstance(loaded, HierarchicalTopKSAE) and loaded.cfg.reshape_activations == "hook_z"
-    _, cache = tiny_model.run_with_cache(torch.tensor(dataset["input_ids"][:2]), names_filter="blocks.0.attn.hook_z")
-    z = cache["blocks.0.attn.hook_z"]
+    tokens = torch.tensor(dataset["input_ids"][:4])
+    _, cache = tiny_model.run_with_cache(tokens, names_filter="blocks.0.attn.hook_z")
+    z = cache["blocks.0.attn.hook_z"]  # [batch, pos, n_heads, d_head]
     with loaded.use_k(3):
         acts = loaded.encode(z)
     assert acts.shape == (*z.shape[:2], 64) and int((acts > 0).sum(dim=-1).max()) <= 3
+    # evaluate_over_k on flat rows (as the activation store gives them) against SAELens's TopKSAE at each k on heads
+    flat = z.reshape(-1, 32)
+    results = evaluate_over_k(loaded, flat, ks=[2, 8], model=tiny_model, tokens=tokens, progress=False)
+    assert loaded.hook_z_reshaping_mode  # evaluation left the SAE as it found it
+    for row in results:
+        topk_cfg = TopKSAEConfig.from_dict({**loaded.cfg.to_dict(), "architecture": "topk", "k": row.k})
+        reference = TopKSAE(topk_cfg)
+        reference.load_state_dict(loaded.state_dict())
+        with torch.no_grad():
+            error = (reference(z).reshape(-1, 32) - flat).double().pow(2).sum()
+        variance = (flat.double() - flat.double().mean(dim=0)).pow(2).sum()
+        assert row.fvu == pytest.approx(float(error / variance), rel=1e-5)
+        assert row.ce_loss_score is not None
 
 
 # --- autocast and hooks as SAELens does them --------------------------------------------------------
