@@ -250,14 +250,18 @@ def run_training_job(
 def write_report(results: list[BudgetMetrics], directory: Path, title: str) -> None:
     """``per_k.md`` (table), ``per_k.json`` and ``per_k.png`` (plot) in ``directory``.
 
-    Results of :func:`evaluate_over_k` also carry each latent's first rank: its histogram is a second table in
-    ``per_k.md`` and a panel of ``per_k.png``; ``per_k.json`` stays the list of per-budget rows its readers expect.
+    ``per_k.json`` is ``{"per_k": [one row per budget], "first_rank": ...}``. Results of :func:`evaluate_over_k`
+    carry each latent's first rank: its histogram is ``first_rank`` (else null), a second table in ``per_k.md`` and a
+    panel of ``per_k.png``.
     """
     table = format_markdown_table(results)
+    first_rank = None
     if isinstance(results, BudgetResults):
         table += "\n\nLatents by the first rank at which they fire:\n\n" + format_first_rank_table(results.first_ranks)
+        first_rank = results.first_ranks.to_dict()
     (directory / "per_k.md").write_text(table + "\n")
-    (directory / "per_k.json").write_text(json.dumps([r.to_dict() for r in results], indent=2))
+    report = {"per_k": [r.to_dict() for r in results], "first_rank": first_rank}
+    (directory / "per_k.json").write_text(json.dumps(report, indent=2))
     plot_over_k(results, directory / "per_k.png", title=title)
 
 

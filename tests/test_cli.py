@@ -93,7 +93,7 @@ def test_train_writes_loadable_sae_report_and_reuses_cache(tmp_path: Path, capsy
     printed = capsys.readouterr().out
     assert "| k | L0 | FVU |" in printed
     assert {p.name for p in output.iterdir()} == {"sae", "per_k.md", "per_k.json", "per_k.png", "job.json"}
-    rows = json.loads((output / "per_k.json").read_text())
+    rows = json.loads((output / "per_k.json").read_text())["per_k"]
     activations = held_out(2000, cache)
     by_hand = metrics_by_hand(output / "sae", activations, [1, 2, 4, 8])
     assert_rows_match(rows, by_hand)
@@ -130,7 +130,7 @@ def test_train_writes_loadable_sae_report_and_reuses_cache(tmp_path: Path, capsy
     )
     table = capsys.readouterr().out
     assert "| 2 | 2.00 |" in table and "| 8 | 8.00 |" in table
-    evaluated = json.loads((tmp_path / "eval" / "per_k.json").read_text())
+    evaluated = json.loads((tmp_path / "eval" / "per_k.json").read_text())["per_k"]
     assert_rows_match(evaluated, {k: by_hand[k] for k in (2, 8)})
     assert evaluated[1] == pytest.approx(rows[-1]), "evaluate must reproduce the training job's numbers at k=8"
 
@@ -190,7 +190,7 @@ def test_evaluate_accepts_a_sae_lens_topk_sae(tmp_path: Path, capsys: pytest.Cap
             str(tmp_path / "eval"),
         ]
     )
-    rows = json.loads((tmp_path / "eval" / "per_k.json").read_text())
+    rows = json.loads((tmp_path / "eval" / "per_k.json").read_text())["per_k"]
     assert_rows_match(rows, metrics_by_hand(tmp_path / "topk", held_out(2000, tmp_path / "cache"), [2, 8]))
     assert f"| 2 | {rows[0]['l0']:.2f} |" in capsys.readouterr().out
     assert all(row["ce_loss_score"] is not None for row in rows)

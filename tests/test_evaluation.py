@@ -238,7 +238,12 @@ def test_first_rank_table_and_report_files(held_out_activations: torch.Tensor, t
     assert float(rows[4][3]) == pytest.approx(results[-1].alive_fraction, abs=5e-4)
 
     write_report(results, tmp_path, title="t")
-    assert json.loads((tmp_path / "per_k.json").read_text()) == [r.to_dict() for r in results]
+    report = json.loads((tmp_path / "per_k.json").read_text())
+    assert report["per_k"] == [r.to_dict() for r in results]
+    assert report["first_rank"]["counts"] == [
+        int((first_rank == r).sum()) for r in range(1, len(report["first_rank"]["counts"]) + 1)
+    ]
+    assert report["first_rank"]["never_fired"] == int((first_rank == 0).sum())
     report = (tmp_path / "per_k.md").read_text()
     assert report.startswith(format_markdown_table(results) + "\n\n")
     assert report.endswith(format_first_rank_table(results.first_ranks) + "\n")
