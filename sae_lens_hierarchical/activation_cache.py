@@ -15,21 +15,24 @@ the shards already present. A file lock serialises processes filling the same ca
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from datasets import Array2D, Dataset, Features, Sequence, Value, concatenate_datasets, load_from_disk
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
+
+from sae_lens_hierarchical._files import (
+    exclusive_lock,
+    remove_stale_temporaries,
+    save_dataset_atomically,
+    write_json_atomically,
+)
 
 # Activation caches and converted model checkpoints live here (override with SAE_LENS_HIERARCHICAL_CACHE).
 DEFAULT_CACHE_ROOT = Path(os.environ.get("SAE_LENS_HIERARCHICAL_CACHE", "~/.cache/sae_lens_hierarchical")).expanduser()
@@ -132,14 +135,14 @@ def cache_activations(
         raise ValueError(f"batch_size and shard_sequences must be >= 1; got {batch_size}, {shard_sequences}")
     directory = Path(cache_root) / key.directory_name()
     directory.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(directory / ".lock"):
+    with exclusive_lock(directory / ".lock"):
         existing = open_cache(cache_root, key)
         if existing is not None:
             return existing
         shards_dir = directory / "shards"
         shards_dir.mkdir(exist_ok=True)
-        _remove_stale_temporaries(directory)
-        _remove_stale_temporaries(shards_dir)
+        remove_stale_temporaries(directory)
+        remove_stale_temporaries(shards_dir)
         hook_layer(key.hook_name)  # fail before any work on a bad hook name
         d_in = model.cfg.d_model
         features = Features(
@@ -163,13 +166,13 @@ def cache_activations(
                 {key.hook_name: acts.to(torch.float32).numpy(), "token_ids": tokens.to(torch.int32).numpy()},
                 features=features,
             )
-            _save_atomically(shard, shard_paths[index])
+            save_dataset_atomically(shard, shard_paths[index])
         bar.close()
         combined = concatenate_datasets([load_from_disk(str(path)) for path in shard_paths])
         activations_dir = directory / ACTIVATIONS_DIRNAME
         if activations_dir.exists():  # left by a run interrupted between this rename and the manifest
             shutil.rmtree(activations_dir)
-        _save_atomically(combined, activations_dir)
+        save_dataset_atomically(combined, activations_dir)
         manifest = {"format": _FORMAT_VERSION, "key": asdict(key), "d_in": d_in, "n_tokens": key.n_tokens}
         write_json_atomically(directory / MANIFEST_FILENAME, manifest)
         shutil.rmtree(shards_dir)
@@ -205,38 +208,3 @@ def hook_layer(hook_name: str) -> int:
     if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit():
         raise ValueError(f"hook_name must look like 'blocks.<layer>.<hook>'; got {hook_name!r}")
     return int(parts[1])
-
-
-def _save_atomically(dataset: Dataset, target: Path) -> None:
-    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    dataset.save_to_disk(str(temporary))
-    os.replace(temporary, target)
-
-
-def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to a temporary file, fsync it, then rename it over ``path``: readers see old or new."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "w") as file:
-        json.dump(payload, file, indent=2)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
-
-
-def _remove_stale_temporaries(directory: Path) -> None:
-    """Partial writes of killed runs (safe: we hold the lock, so no live writer owns them)."""
-    for leftover in directory.glob(".*.tmp-*"):
-        if leftover.is_dir():
-            shutil.rmtree(leftover)
-        else:
-            leftover.unlink()
-
-
-@contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

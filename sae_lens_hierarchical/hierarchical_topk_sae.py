@@ -15,9 +15,6 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
-import os
-import shutil
-import tempfile
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -38,6 +35,7 @@ from sae_lens.saes.topk_sae import (
 from torch import nn
 from typing_extensions import Self, override
 
+from sae_lens_hierarchical._files import save_files_atomically
 from sae_lens_hierarchical.losses import HIERARCHICAL_LOSSES, uniform_level_weights
 
 ARCHITECTURE = "hierarchical_topk"
@@ -154,28 +152,6 @@ def check_sae_input(sae_in: torch.Tensor, d_in: int, hook_z_reshaping: bool = Fa
     if sae_in.ndim == 0 or width != d_in:
         expected = "[..., n_heads, d_head] with n_heads * d_head" if hook_z_reshaping else "last dimension"
         raise ValueError(f"SAE input must have {expected} d_in={d_in}; got shape {tuple(sae_in.shape)}")
-
-
-def save_files_atomically(path: str | Path, save: Callable[[Path], tuple[Path, Path]]) -> tuple[Path, Path]:
-    """Run SAELens's ``save(directory)`` into a staging directory inside ``path``, then rename each file into place.
-
-    A crash mid-save leaves every file in ``path`` either wholly old or wholly new, never truncated, so the
-    previous save stays loadable. The weights are moved before the config, which SAELens reads first.
-    """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=path))
-    try:
-        staged = save(staging)
-        for file in staged:
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-        final = tuple(path / file.name for file in staged)
-        for file, target in zip(staged, final, strict=True):
-            os.replace(file, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return final[0], final[1]
 
 
 T_CFG = TypeVar("T_CFG", "HierarchicalTopKSAEConfig", "HierarchicalTopKTrainingSAEConfig")

@@ -10,7 +10,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,12 +28,12 @@ from sae_lens.util import get_special_token_ids
 from safetensors.torch import save_file
 from transformer_lens import HookedTransformer
 
+from sae_lens_hierarchical._files import move_into_place, scratch_beside, write_json_atomically
 from sae_lens_hierarchical.activation_cache import (
     DEFAULT_CACHE_ROOT,
     ActivationCache,
     ActivationCacheKey,
     cache_activations,
-    write_json_atomically,
 )
 from sae_lens_hierarchical.evaluation import (
     BudgetMetrics,
@@ -215,7 +214,7 @@ def run_training_job(
         activations = prepare_embedded_activations(
             preset, model, eval_tokens, training_tokens, cache_root=cache_root, progress=progress
         )
-    with _scratch_beside(output_dir) as scratch, _wandb_environment(wandb, scratch):
+    with scratch_beside(output_dir) as scratch, _wandb_environment(wandb, scratch):
         run_changes: dict[str, Any] = {"output_path": str(scratch / SAE_DIRNAME), "device": device}
         if activations is not None and activations.train is not None:
             cached_path = str(activations.train.activations_path)
@@ -269,7 +268,7 @@ def _finish_job(scratch: Path, output_dir: Path, job: dict[str, Any], started: f
     """Record the job's settings and duration in ``job.json``, then move the results into place."""
     seconds = time.perf_counter() - started
     (scratch / "job.json").write_text(json.dumps({**job, "seconds": round(seconds, 1)}, indent=2))
-    _move_into_place(scratch, output_dir)
+    move_into_place(scratch, output_dir)
     return seconds
 
 
@@ -294,48 +293,6 @@ def _wandb_environment(mode: str, directory: Path) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-
-
-@contextmanager
-def _scratch_beside(target: Path) -> Iterator[Path]:
-    """A scratch directory on the same file system as ``target`` (so the final rename is atomic).
-
-    Its name records this process's id; scratch directories of ``target`` left by processes that no longer exist
-    (killed jobs) are removed first.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{target.name}.partial-"
-    for stale in target.parent.glob(f"{prefix}*"):
-        owner = stale.name[len(prefix) :].split("-", 1)[0]
-        if owner.isdigit() and not _process_exists(int(owner)):
-            shutil.rmtree(stale, ignore_errors=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=target.parent))
-    scratch.chmod(0o755)  # mkdtemp's 0700 would otherwise become the results directory's mode
-    try:
-        yield scratch
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def _move_into_place(scratch: Path, target: Path) -> None:
-    """Rename ``scratch`` to ``target``; an old ``target`` is moved aside first and removed only after."""
-    if not target.exists():
-        os.replace(scratch, target)
-        return
-    aside = target.with_name(f".{target.name}.old-{os.getpid()}")
-    os.replace(target, aside)
-    os.replace(scratch, target)
-    shutil.rmtree(aside)
 
 
 # --- Baseline suite: HierarchicalTopK against fixed-k TopK SAEs trained on identical activations ---
@@ -444,7 +401,7 @@ def run_comparison_job(
         activations = prepare_embedded_activations(
             preset, model, eval_tokens, training_tokens, cache_root=cache_root, progress=progress
         )
-    with _scratch_beside(output_dir) as scratch:
+    with scratch_beside(output_dir) as scratch:
         checkpoint_dir = output_dir.parent / f".{output_dir.name}.checkpoints"
         sae_dirs = train_suite(
             cfg,

@@ -24,6 +24,7 @@ from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 from sae_lens.training import upload_saes_to_huggingface as sae_lens_upload
 
+from sae_lens_hierarchical._files import scratch_beside
 from sae_lens_hierarchical.hierarchical_topk_sae import (
     ARCHITECTURE,
     HierarchicalTopKSAE,
@@ -33,7 +34,6 @@ from sae_lens_hierarchical.hierarchical_topk_sae import (
     validate_k,
 )
 from sae_lens_hierarchical.loading import load_sae
-from sae_lens_hierarchical.pipeline import _scratch_beside
 
 HierarchicalSAE = HierarchicalTopKSAE | HierarchicalTopKTrainingSAE
 
@@ -153,7 +153,7 @@ def write_new_directory(path: str | Path, write: Callable[[Path], Any]) -> Path:
     directory filled meanwhile is not overwritten either.
     """
     path = check_new_directory(path)
-    with _scratch_beside(path) as scratch:
+    with scratch_beside(path) as scratch:
         write(scratch)
         for file in scratch.rglob("*"):
             if file.is_file():

@@ -68,7 +68,7 @@ def test_interrupted_run_is_not_complete_and_resumes_from_its_shards(
     tmp_path: Path, tiny_model: HookedTransformer, sequences, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     key = tiny_key(n_sequences=48)
-    original_save = activation_cache._save_atomically
+    original_save = activation_cache.save_dataset_atomically
     saved: list[Path] = []
 
     def crash_on_third_shard(dataset, target: Path) -> None:
@@ -77,11 +77,11 @@ def test_interrupted_run_is_not_complete_and_resumes_from_its_shards(
         original_save(dataset, target)
         saved.append(target)
 
-    monkeypatch.setattr(activation_cache, "_save_atomically", crash_on_third_shard)
+    monkeypatch.setattr(activation_cache, "save_dataset_atomically", crash_on_third_shard)
     with pytest.raises(KeyboardInterrupt):
         cache_activations(tiny_model, sequences, key, tmp_path, batch_size=8, shard_sequences=16, progress=False)
     assert open_cache(tmp_path, key) is None, "an interrupted cache must not look complete"
-    monkeypatch.setattr(activation_cache, "_save_atomically", original_save)
+    monkeypatch.setattr(activation_cache, "save_dataset_atomically", original_save)
 
     calls = count_forward_passes(monkeypatch, tiny_model)
     cache = cache_activations(tiny_model, sequences, key, tmp_path, batch_size=8, shard_sequences=16, progress=False)

@@ -139,12 +139,12 @@ from sae_lens_hierarchical.activation_cache import ActivationCacheKey, cache_act
 
 slow = len(sys.argv) > 2
 if slow:  # pause after each shard so a test can kill the process between shards
-    original = activation_cache._save_atomically
+    original = activation_cache.save_dataset_atomically
     def save_then_pause(dataset, target):
         original(dataset, target)
         print("saved", target.name, flush=True)
         time.sleep(30)
-    activation_cache._save_atomically = save_then_pause
+    activation_cache.save_dataset_atomically = save_then_pause
 key = ActivationCacheKey(presets.TINY_MODEL_NAME, presets.TINY_HOOK_NAME, "zipf-concurrent", 32, 48)
 sequences = presets.tiny_token_dataset(48, 32, seed=5)
 cache = cache_activations(presets.tiny_random_model(), sequences, key, sys.argv[1], shard_sequences=8, progress=False)
