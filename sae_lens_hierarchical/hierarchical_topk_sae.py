@@ -183,7 +183,7 @@ def _has_hooks(hook_point: nn.Module) -> bool:
     return bool(hook_point._forward_hooks or hook_point._forward_pre_hooks or hook_point._backward_hooks)
 
 
-class _VariableKMixin(Generic[T_CFG]):
+class VariableKMixin(Generic[T_CFG]):
     """Budget selection shared by the inference and training SAEs.
 
     The budget is an argument (``encode(x, k=)``, ``forward(x, k=)``, ``encode_top_k(x, k=)``, ``at_k(k)``); the
@@ -374,7 +374,7 @@ class _VariableKMixin(Generic[T_CFG]):
         """Whether ``encode``/``decode`` (or the training SAE's ``encode_with_hidden_pre``) were replaced by a
         subclass or on the instance: the sparse paths would otherwise bypass the replacement."""
         cls = type(self)
-        package_class = next(c for c in cls.__mro__ if c.__module__ == __name__ and c is not _VariableKMixin)
+        package_class = next(c for c in cls.__mro__ if c.__module__ == __name__ and c is not VariableKMixin)
         names = ("encode", "decode", "encode_with_hidden_pre")
         replaced = any(getattr(cls, name, None) is not getattr(package_class, name, None) for name in names)
         return replaced or any(name in self.__dict__ for name in names)
@@ -418,7 +418,7 @@ class HierarchicalTopKSAEConfig(TopKSAEConfig):
         return ARCHITECTURE
 
 
-class HierarchicalTopKSAE(_VariableKMixin[HierarchicalTopKSAEConfig], TopKSAE):
+class HierarchicalTopKSAE(VariableKMixin[HierarchicalTopKSAEConfig], TopKSAE):
     """Inference HierarchicalTopK SAE: a TopK SAE whose budget k can be chosen at run time.
 
     ``encode`` returns dense ``[..., d_sae]`` activations with (at most) k non-zeros per token, the first
@@ -534,7 +534,7 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
         return super().from_dict(config_dict)  # type: ignore[return-value]
 
 
-class HierarchicalTopKTrainingSAE(_VariableKMixin[HierarchicalTopKTrainingSAEConfig], TopKTrainingSAE):
+class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConfig], TopKTrainingSAE):
     """Training HierarchicalTopK SAE: TopK encoder, AuxK dead-latent loss, hierarchical prefix loss.
 
     ``training_forward_pass`` never builds the dense ``[tokens, d_sae]`` activations with gradients: the

@@ -1,0 +1,66 @@
+"""Evaluation at every budget k: budgets and rankings, reconstruction metrics, CE/KL scores.
+
+``evaluate_over_k`` is the entry point. Tables and plots live in :mod:`sae_lens_hierarchical.reporting` (re-exported
+here, so ``from sae_lens_hierarchical.evaluation import evaluate_over_k, format_markdown_table`` keeps working).
+"""
+
+from typing import Any
+
+from sae_lens_hierarchical.evaluation.budgets import (
+    check_budgets,
+    default_budgets,
+    flat_inputs,
+    max_budget,
+    prefix_reconstructions,
+    ranked_latents,
+)
+from sae_lens_hierarchical.evaluation.downstream import downstream_metrics_over_k
+from sae_lens_hierarchical.evaluation.metrics import BudgetMetrics, BudgetResults, FirstRanks, evaluate_over_k
+
+# Tables and plots moved to sae_lens_hierarchical.reporting; served from here on first use (not imported eagerly, so
+# that reporting, which builds on this package, and this package do not import each other).
+_REPORTING_NAMES = (
+    "FAMILY_LABELS",
+    "by_family",
+    "draw_first_ranks",
+    "figure_over_k",
+    "format_comparison_table",
+    "format_first_rank_table",
+    "format_markdown_table",
+    "plot_comparison",
+    "plot_first_ranks",
+    "plot_over_k",
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _REPORTING_NAMES:
+        from sae_lens_hierarchical import reporting
+
+        return getattr(reporting, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "FAMILY_LABELS",
+    "BudgetMetrics",
+    "BudgetResults",
+    "FirstRanks",
+    "by_family",
+    "check_budgets",
+    "default_budgets",
+    "downstream_metrics_over_k",
+    "draw_first_ranks",
+    "evaluate_over_k",
+    "figure_over_k",
+    "flat_inputs",
+    "format_comparison_table",
+    "format_first_rank_table",
+    "format_markdown_table",
+    "max_budget",
+    "plot_comparison",
+    "plot_first_ranks",
+    "plot_over_k",
+    "prefix_reconstructions",
+    "ranked_latents",
+]

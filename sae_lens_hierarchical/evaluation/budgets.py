@@ -1,0 +1,93 @@
+"""Budgets and rankings: what "an SAE at budget k" means for any TopK-family SAE, and its prefix reconstructions.
+
+The ranking of a token's K latents is computed once; the reconstruction at budget k is the running sum of the first
+k ranked decoder rows. For a HierarchicalTopK SAE budget k is exactly what ``encode(x, k=k)`` gives; for any other
+SAELens SAE (TopK, BatchTopK, ...) it is that SAE truncated to its k largest activations, the natural baseline for
+"train at K, run at k".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from sae_lens import SAE
+
+from sae_lens_hierarchical.hierarchical_topk_sae import VariableKMixin, decode_rows, validate_k
+
+
+def max_budget(sae: SAE[Any]) -> int | None:
+    """The largest budget ``sae`` can be evaluated at: K for TopK-family SAEs, None when it has no k."""
+    k = getattr(sae.cfg, "k", None)
+    return int(k) if isinstance(k, int) and not isinstance(k, bool) else None
+
+
+def default_budgets(max_k: int) -> list[int]:
+    """Powers of two below K, and K itself."""
+    budgets = [2**i for i in range(max_k.bit_length()) if 2**i < max_k]
+    return [*budgets, max_k]
+
+
+def check_budgets(sae: SAE[Any], ks: list[int] | None) -> list[int]:
+    max_k = max_budget(sae)
+    if max_k is None:
+        if not ks:
+            raise ValueError(f"{type(sae).__name__} has no k; pass the budgets to evaluate (ks=[...])")
+        max_k = sae.cfg.d_sae
+    return sorted({validate_k(k, max_k) for k in (ks or default_budgets(max_k))})
+
+
+@contextmanager
+def flat_inputs(sae: SAE[Any]) -> Iterator[None]:
+    """Let a hook_z inference SAE take flat ``[tokens, d_in]`` rows (it expects ``[..., n_heads, d_head]``).
+
+    Evaluation works on flattened activations, as SAELens's activation store and trainer do.
+    """
+    if not getattr(sae, "hook_z_reshaping_mode", False):
+        yield
+        return
+    sae.turn_off_forward_pass_hook_z_reshaping()
+    try:
+        yield
+    finally:
+        sae.turn_on_forward_pass_hook_z_reshaping()
+
+
+def ranked_latents(sae: SAE[Any], x: torch.Tensor, n_ranks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(activations, latent indices, decoder coefficients)``, each ``[tokens, n_ranks]``, largest first.
+
+    HierarchicalTopK SAEs use their own nested ranking; other SAEs are encoded and their active latents
+    ranked by activation, which is what truncating them to k keeps.
+    """
+    with flat_inputs(sae):
+        if isinstance(sae, VariableKMixin):
+            top_acts, top_indices = sae.encode_top_k(x, k=n_ranks)
+            return top_acts, top_indices, sae.decoder_coefficients(top_acts, top_indices)
+        top_acts, top_indices = sae.encode(x).topk(n_ranks, dim=-1, sorted=True)
+    coefficients = top_acts
+    if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
+        coefficients = top_acts / sae.W_dec.norm(dim=-1)[top_indices]
+    return top_acts, top_indices, coefficients
+
+
+def prefix_reconstructions(
+    sae: SAE[Any], x: torch.Tensor, ks: list[int]
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Reconstructions of ``x`` ``[tokens, d_in]`` at each budget in sorted ``ks``, and the ranking used.
+
+    Each budget adds the decoder rows of ranks ``previous..k`` to the last reconstruction with ``embedding_bag``,
+    so no ``[tokens, k - previous, d_in]`` tensor of gathered rows is ever built (600 MB at d_in 2304, K 128 and
+    1024 tokens); the extra memory is one ``[tokens, d_in]`` reconstruction per budget.
+    """
+    top_acts, top_indices, coefficients = ranked_latents(sae, x, ks[-1])
+    reconstruction = sae.b_dec.expand_as(x)
+    reconstructions = []
+    previous = 0
+    for k in ks:
+        block = decode_rows(sae.W_dec, top_indices[:, previous:k], coefficients[:, previous:k])  # [tokens, d_in]
+        reconstruction = reconstruction + block
+        reconstructions.append(sae.run_time_activation_norm_fn_out(reconstruction))
+        previous = k
+    return reconstructions, top_acts, top_indices
