@@ -9,7 +9,7 @@ import torch
 from sae_lens import SAE
 from transformer_lens import HookedTransformer
 
-from sae_lens_hierarchical.activation_cache import hook_activations
+from sae_lens_hierarchical.data.activation_cache import hook_activations
 from sae_lens_hierarchical.evaluation import max_budget, ranked_latents
 from sae_lens_hierarchical.hierarchical_topk_sae import validate_k
 

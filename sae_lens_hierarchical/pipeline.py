@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from transformer_lens import HookedTransformer
 
 from sae_lens_hierarchical._files import move_into_place, scratch_beside, write_json_atomically
-from sae_lens_hierarchical.activation_cache import (
+from sae_lens_hierarchical.data.activation_cache import (
     DEFAULT_CACHE_ROOT,
     ActivationCache,
     ActivationCacheKey,

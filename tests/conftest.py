@@ -18,7 +18,8 @@ import torch  # noqa: E402
 from sae_lens import LanguageModelSAETrainingRunner  # noqa: E402
 from transformer_lens import HookedTransformer  # noqa: E402
 
-from sae_lens_hierarchical import HierarchicalTopKTrainingSAE, presets  # noqa: E402
+from sae_lens_hierarchical import HierarchicalTopKTrainingSAE, presets, testing  # noqa: E402
+from sae_lens_hierarchical.data import collect_activations  # noqa: E402
 
 TRAINED_K = 16
 TRAINED_LEVELS = [1, 2, 4, 8, 16]
@@ -27,13 +28,13 @@ TRAINED_WEIGHTS = [0.3, 0.2, 0.2, 0.2, 0.1]
 
 @pytest.fixture(scope="session")
 def tiny_model() -> HookedTransformer:
-    return presets.tiny_random_model(seed=0)
+    return testing.tiny_random_model(seed=0)
 
 
 @pytest.fixture(scope="session")
 def held_out_activations(tiny_model: HookedTransformer) -> torch.Tensor:
-    tokens = torch.tensor(presets.tiny_token_dataset(64, 32, seed=123)["input_ids"])
-    return presets.collect_activations(tiny_model, tokens, presets.TINY_HOOK_NAME)
+    tokens = torch.tensor(testing.tiny_token_dataset(64, 32, seed=123)["input_ids"])
+    return collect_activations(tiny_model, tokens, testing.TINY_HOOK_NAME)
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +50,7 @@ def trained_sae_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model: Hooked
         hierarchy_weights=TRAINED_WEIGHTS,
     )
     runner = LanguageModelSAETrainingRunner(
-        cfg, override_model=tiny_model, override_dataset=presets.tiny_token_dataset(600, 32, seed=0)
+        cfg, override_model=tiny_model, override_dataset=testing.tiny_token_dataset(600, 32, seed=0)
     )
     sae = runner.run()
     assert isinstance(sae, HierarchicalTopKTrainingSAE)

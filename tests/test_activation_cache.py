@@ -9,8 +9,9 @@ import torch
 from sae_lens import LanguageModelSAETrainingRunner
 from transformer_lens import HookedTransformer
 
-from sae_lens_hierarchical import activation_cache, presets
-from sae_lens_hierarchical.activation_cache import ActivationCacheKey, cache_activations, open_cache
+from sae_lens_hierarchical import presets
+from sae_lens_hierarchical.data import activation_cache
+from sae_lens_hierarchical.data.activation_cache import ActivationCacheKey, cache_activations, open_cache
 
 CONTEXT = 32
 

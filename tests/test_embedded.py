@@ -10,13 +10,15 @@ import torch
 from transformer_lens import HookedTransformer
 
 from sae_lens_hierarchical import HierarchicalTopKSAE, load_sae, presets
+from sae_lens_hierarchical.data.corpora import pack_token_sequences, wikipedia_dataset
 from sae_lens_hierarchical.pipeline import run_comparison_job, run_training_job
+from sae_lens_hierarchical.testing import tiny_char_tokenizer
 
 
 def test_pack_token_sequences_rows_start_with_bos_and_keep_every_token() -> None:
-    tokenizer = presets.tiny_char_tokenizer()
+    tokenizer = tiny_char_tokenizer()
     texts = ["abcdefghij", "klm", "nopqrstuvwxyz" * 3]
-    packed = presets.pack_token_sequences(texts, tokenizer, context_size=8)
+    packed = pack_token_sequences(texts, tokenizer, context_size=8)
     rows = torch.tensor(packed["input_ids"])
     bos = tokenizer.bos_token_id
     assert rows.shape[1] == 8
@@ -58,13 +60,13 @@ def test_gemma_3_270m_loads_offline_and_predicts_english(gemma: HookedTransforme
 
 @pytest.mark.slow
 def test_wikipedia_corpus_is_embedded() -> None:
-    english = presets.wikipedia_dataset()
+    english = wikipedia_dataset()
     assert len(english) > 9000
     assert set(english.column_names) == {"text", "title", "language"}
     assert sum(len(text) for text in english["text"]) > 3_000_000
-    assert len(presets.wikipedia_dataset(("fr-fr",))) > 9000
+    assert len(wikipedia_dataset(("fr-fr",))) > 9000
     with pytest.raises(ValueError, match=r"languages must be a non-empty subset of"):
-        presets.wikipedia_dataset(("de-de",))
+        wikipedia_dataset(("de-de",))
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ from sae_lens_hierarchical import (
     load_sae,
     presets,
 )
-from sae_lens_hierarchical.activation_cache import ActivationCacheKey, hook_activations, open_cache
+from sae_lens_hierarchical.data.activation_cache import ActivationCacheKey, hook_activations, open_cache
 from sae_lens_hierarchical.pipeline import CHECKPOINT_MARKER, latest_checkpoint, run_comparison_job
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -134,8 +134,9 @@ def test_save_killed_midway_leaves_the_previous_version_loadable(tmp_path: Path,
 
 FILL_CACHE = """
 import sys, time
-from sae_lens_hierarchical import activation_cache, presets
-from sae_lens_hierarchical.activation_cache import ActivationCacheKey, cache_activations
+from sae_lens_hierarchical import presets
+from sae_lens_hierarchical.data import activation_cache
+from sae_lens_hierarchical.data.activation_cache import ActivationCacheKey, cache_activations
 
 slow = len(sys.argv) > 2
 if slow:  # pause after each shard so a test can kill the process between shards

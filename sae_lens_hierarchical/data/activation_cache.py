@@ -208,3 +208,21 @@ def hook_layer(hook_name: str) -> int:
     if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit():
         raise ValueError(f"hook_name must look like 'blocks.<layer>.<hook>'; got {hook_name!r}")
     return int(parts[1])
+
+
+def collect_activations(
+    model: HookedTransformer,
+    token_sequences: torch.Tensor,
+    hook_name: str,
+    batch_size: int = 16,
+    drop_bos: bool = True,
+) -> torch.Tensor:
+    """``[tokens, d_model]`` activations at ``hook_name`` for ``[sequences, context]`` token ids, not cached.
+
+    BOS positions are dropped by default: their residual norms are orders of magnitude larger than text
+    tokens', and SAEs are neither trained nor evaluated on them.
+    """
+    acts = hook_activations(model, token_sequences, hook_name, batch_size)
+    if drop_bos:
+        acts = acts[:, 1:]
+    return acts.reshape(-1, acts.shape[-1])
