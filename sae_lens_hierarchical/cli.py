@@ -1,4 +1,4 @@
-"""Command-line interface: argument parsing on top of :mod:`sae_lens_hierarchical.pipeline`.
+"""Command-line interface: argument parsing on top of :mod:`sae_lens_hierarchical.jobs`.
 
 sae-lens-hierarchical train                      # the embedded default: Gemma-3-270M on Wikipedia, offline
 sae-lens-hierarchical train --preset tiny-random --set sae.k=8 --set lr=1e-3
@@ -20,17 +20,17 @@ from typing import Any
 
 from sae_lens import SAE, LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
 
+from sae_lens_hierarchical.data import DEFAULT_CACHE_ROOT
 from sae_lens_hierarchical.evaluation import format_markdown_table
-from sae_lens_hierarchical.loading import load_sae
-from sae_lens_hierarchical.pipeline import (
+from sae_lens_hierarchical.jobs import (
     BASELINES,
-    DEFAULT_CACHE_ROOT,
     apply_overrides,
     prepare_embedded_activations,
     run_comparison_job,
     run_training_job,
     write_report,
 )
+from sae_lens_hierarchical.loading import load_sae
 from sae_lens_hierarchical.presets import PRESETS, Preset, get_preset
 from sae_lens_hierarchical.sharing import save_as_topk, save_as_topk_variants, upload
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from sae_lens_hierarchical import HierarchicalTopKSAE, load_sae, presets
 from sae_lens_hierarchical.cli import main
-from sae_lens_hierarchical.pipeline import prepare_embedded_activations
+from sae_lens_hierarchical.jobs import prepare_embedded_activations
 
 TINY_TRAIN = ["--preset", "tiny-random", "--training-tokens", "8000", "--eval-tokens", "2000", "--wandb", "disabled"]
 

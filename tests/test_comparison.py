@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from sae_lens_hierarchical import HierarchicalTopKSAE, load_sae, presets
 from sae_lens_hierarchical.cli import main
-from sae_lens_hierarchical.pipeline import (
+from sae_lens_hierarchical.jobs import (
     SuiteMember,
     baseline_suite,
     prepare_embedded_activations,

@@ -11,7 +11,7 @@ from transformer_lens import HookedTransformer
 
 from sae_lens_hierarchical import HierarchicalTopKSAE, load_sae, presets
 from sae_lens_hierarchical.data.corpora import pack_token_sequences, wikipedia_dataset
-from sae_lens_hierarchical.pipeline import run_comparison_job, run_training_job
+from sae_lens_hierarchical.jobs import run_comparison_job, run_training_job
 from sae_lens_hierarchical.testing import tiny_char_tokenizer
 
 

@@ -23,7 +23,7 @@ from sae_lens_hierarchical import (
     presets,
 )
 from sae_lens_hierarchical.data.activation_cache import ActivationCacheKey, hook_activations, open_cache
-from sae_lens_hierarchical.pipeline import CHECKPOINT_MARKER, latest_checkpoint, run_comparison_job
+from sae_lens_hierarchical.jobs import CHECKPOINT_MARKER, latest_checkpoint, run_comparison_job
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = presets.get_preset(presets.TINY_MODEL_NAME)
@@ -191,7 +191,7 @@ import sys, time
 from pathlib import Path
 from sae_lens.training.sae_trainer import SAETrainer
 from sae_lens_hierarchical import presets
-from sae_lens_hierarchical.pipeline import run_comparison_job
+from sae_lens_hierarchical.jobs import run_comparison_job
 
 original_step = SAETrainer.step
 def slow_step(self, batch):

@@ -1,301 +1,39 @@
-"""End-to-end jobs behind the CLI: cache activations, train with SAELens's runner, evaluate every budget k.
-
-Results directories are written to a scratch directory beside the target and renamed into place only when
-the job has succeeded, so a failed or interrupted job never leaves a half-written results directory.
-"""
+"""The baseline suite: HierarchicalTopK against fixed-k TopK, truncated TopK and Multi-TopK SAEs trained in lockstep
+on identical activations, with resumable checkpoints, then evaluated and reported side by side."""
 
 from __future__ import annotations
 
 import json
-import math
-import os
 import shutil
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset
-from sae_lens import SAE, LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
+from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig
 from sae_lens.constants import SPARSITY_FILENAME
 from sae_lens.multi_sae_training_runner import MultiSAETrainingRunner, MultiSAETrainingRunnerConfig
 from sae_lens.saes.sae import TrainingSAE
 from sae_lens.training.multi_sae_trainer import MultiSAETrainer
-from sae_lens.util import get_special_token_ids
 from safetensors.torch import save_file
 from transformer_lens import HookedTransformer
 
-from sae_lens_hierarchical._files import move_into_place, scratch_beside, write_json_atomically
-from sae_lens_hierarchical.data.activation_cache import (
-    DEFAULT_CACHE_ROOT,
-    ActivationCache,
-    ActivationCacheKey,
-    cache_activations,
-)
-from sae_lens_hierarchical.evaluation import (
-    BudgetMetrics,
-    BudgetResults,
-    default_budgets,
-    evaluate_over_k,
-    format_comparison_table,
-    format_first_rank_table,
-    format_markdown_table,
-    plot_comparison,
-    plot_over_k,
-)
-from sae_lens_hierarchical.hierarchical_topk_sae import (
-    HierarchicalTopKSAE,
-    HierarchicalTopKTrainingSAE,
+from sae_lens_hierarchical._files import scratch_beside, write_json_atomically
+from sae_lens_hierarchical.data.activation_cache import DEFAULT_CACHE_ROOT
+from sae_lens_hierarchical.evaluation import BudgetMetrics, default_budgets, format_comparison_table, plot_comparison
+from sae_lens_hierarchical.hierarchical_topk_sae import HierarchicalTopKTrainingSAE, HierarchicalTopKTrainingSAEConfig
+from sae_lens_hierarchical.jobs.common import (
+    EmbeddedActivations,
+    apply_overrides,
+    check_output_dir,
+    finish_job,
+    prepare_embedded_activations,
 )
 from sae_lens_hierarchical.loading import load_sae
 from sae_lens_hierarchical.presets import Preset
-
-SAE_DIRNAME = "sae"
-
-
-@dataclass
-class EmbeddedActivations:
-    """Cached held-out (and, for training, training) activations of an embedded preset."""
-
-    held_out: ActivationCache
-    special_token_ids: list[int]
-    train: ActivationCache | None = None
-    train_sequences: Dataset | None = None
-    _held_out_activations: torch.Tensor | None = field(default=None, init=False, repr=False)
-
-    def held_out_activations(self) -> torch.Tensor:
-        """``[tokens, d_in]`` held-out activations without BOS and other special-token positions (read once)."""
-        if self._held_out_activations is None:
-            self._held_out_activations = self.held_out.token_activations(exclude_token_ids=self.special_token_ids)
-        return self._held_out_activations
-
-    def held_out_tokens(self, n_tokens: int) -> torch.Tensor:
-        """``[sequences, context]`` token ids of the first held-out sequences, at least ``n_tokens`` in all."""
-        dataset = self.held_out.load()
-        n_sequences = min(math.ceil(n_tokens / self.held_out.key.context_size), len(dataset))
-        return dataset.select(range(n_sequences))[:]["token_ids"].long()
-
-    def evaluate(
-        self,
-        sae: SAE[Any],
-        model: HookedTransformer,
-        downstream_tokens: int,
-        ks: list[int] | None = None,
-        progress: bool = True,
-    ) -> list[BudgetMetrics]:
-        """:func:`evaluate_over_k` on the held-out activations, with CE-loss/KL scores on the first
-        ``downstream_tokens`` held-out tokens (none when 0); special-token positions are left alone."""
-        tokens = self.held_out_tokens(downstream_tokens) if downstream_tokens else None
-        return evaluate_over_k(
-            sae,
-            self.held_out_activations(),
-            ks=ks,
-            progress=progress,
-            model=model if tokens is not None else None,
-            tokens=tokens,
-            exclude_token_ids=self.special_token_ids,
-        )
-
-
-def prepare_embedded_activations(
-    preset: Preset,
-    model: HookedTransformer,
-    eval_tokens: int,
-    training_tokens: int | None = None,
-    cache_root: Path = DEFAULT_CACHE_ROOT,
-    progress: bool = True,
-) -> EmbeddedActivations:
-    """Cache (or reuse) activations of the last held-out sequences and, if asked, the first training ones.
-
-    The preset's sequences come in a fixed shuffled order; training uses a prefix of it and evaluation the
-    tail, so the two never overlap and every SAE trained on the same preset sees identical activations.
-    """
-    if preset.load_token_sequences is None:
-        raise ValueError(f"preset {preset.name!r} streams its corpus; only embedded presets cache activations")
-    sequences = preset.load_token_sequences(model.tokenizer, preset.context_size)
-    text_tokens_per_sequence = preset.context_size - 1  # BOS is excluded
-    n_eval = math.ceil(eval_tokens / text_tokens_per_sequence)
-    if not 1 <= n_eval < len(sequences):
-        raise ValueError(
-            f"eval_tokens must be in 1..{(len(sequences) - 1) * text_tokens_per_sequence} for preset "
-            f"{preset.name!r} ({len(sequences)} sequences of {preset.context_size}); got {eval_tokens}"
-        )
-
-    def cached(split: str, rows: range) -> ActivationCache:
-        key = ActivationCacheKey(
-            model_name=preset.model_name,
-            hook_name=preset.hook_name,
-            corpus=f"{preset.corpus}-{split}",
-            context_size=preset.context_size,
-            n_sequences=len(rows),
-        )
-        return cache_activations(model, sequences.select(rows), key, cache_root, progress=progress)
-
-    activations = EmbeddedActivations(
-        held_out=cached("heldout", range(len(sequences) - n_eval, len(sequences))),
-        special_token_ids=sorted(get_special_token_ids(model.tokenizer)),
-    )
-    if training_tokens is not None:
-        # More tokens than the corpus holds are reached by SAELens reusing the cache over several epochs.
-        n_train = min(math.ceil(training_tokens / text_tokens_per_sequence), len(sequences) - n_eval)
-        activations.train = cached("train", range(n_train))
-        activations.train_sequences = sequences.select(range(n_train))
-    return activations
-
-
-@dataclass
-class TrainingJobResult:
-    output_dir: Path
-    sae_dir: Path
-    results: list[BudgetMetrics]
-    seconds: float
-
-
-def apply_overrides(
-    cfg: LanguageModelSAERunnerConfig[Any], overrides: dict[str, Any]
-) -> LanguageModelSAERunnerConfig[Any]:
-    """Set runner fields (``lr``) and SAE fields (``sae.k``) by name; unknown names raise a clear error."""
-    runner_names = {f.name for f in fields(cfg)}
-    sae_names = {f.name for f in fields(cfg.sae)}
-    runner_changes: dict[str, Any] = {}
-    sae_changes: dict[str, Any] = {}
-    for name, value in overrides.items():
-        if name.startswith("sae."):
-            if name[4:] not in sae_names:
-                raise ValueError(f"unknown SAE field {name!r}; SAE fields are sae.<{'|'.join(sorted(sae_names))}>")
-            sae_changes[name[4:]] = value
-        elif name in runner_names and name != "sae":
-            runner_changes[name] = value
-        else:
-            raise ValueError(f"unknown runner field {name!r}; see LanguageModelSAERunnerConfig, or use sae.<field>")
-    if sae_changes:
-        runner_changes["sae"] = replace(cfg.sae, **sae_changes)
-    return replace(cfg, **runner_changes) if runner_changes else cfg
-
-
-def run_training_job(
-    preset: Preset,
-    output_dir: Path,
-    overrides: dict[str, Any] | None = None,
-    training_tokens: int | None = None,
-    eval_tokens: int | None = None,
-    downstream_tokens: int | None = None,
-    cache_root: Path = DEFAULT_CACHE_ROOT,
-    device: str = "cpu",
-    wandb: str = "offline",
-    seed: int = 0,
-    overwrite: bool = False,
-    progress: bool = True,
-    model: HookedTransformer | None = None,
-) -> TrainingJobResult:
-    """Train a HierarchicalTopK SAE on ``preset`` and evaluate it at every budget k on held-out text.
-
-    Args:
-        overrides: runner fields by name and SAE fields as ``sae.<name>`` (e.g. ``{"sae.k": 32}``).
-        wandb: ``"offline"`` (default: logs under the results directory), ``"online"`` or ``"disabled"``.
-        downstream_tokens: held-out tokens for CE-loss/KL scores (default the preset's; 0 skips them).
-        model: an already loaded model for ``preset`` (loading Gemma takes ~35 s).
-    """
-    if wandb not in ("offline", "online", "disabled"):
-        raise ValueError(f"wandb must be 'offline', 'online' or 'disabled'; got {wandb!r}")
-    _check_output_dir(output_dir, overwrite)
-    started = time.perf_counter()
-    training_tokens = training_tokens or preset.training_tokens
-    eval_tokens = eval_tokens or preset.eval_tokens
-    downstream_tokens = preset.downstream_eval_tokens if downstream_tokens is None else downstream_tokens
-    # Validate the configuration before any expensive work.
-    cfg = apply_overrides(preset.runner_config(None, training_tokens=training_tokens, seed=seed), overrides or {})
-    model = model if model is not None else preset.load_model(device)
-    activations = None
-    if preset.embedded:
-        activations = prepare_embedded_activations(
-            preset, model, eval_tokens, training_tokens, cache_root=cache_root, progress=progress
-        )
-    with scratch_beside(output_dir) as scratch, _wandb_environment(wandb, scratch):
-        run_changes: dict[str, Any] = {"output_path": str(scratch / SAE_DIRNAME), "device": device}
-        if activations is not None and activations.train is not None:
-            cached_path = str(activations.train.activations_path)
-            run_changes |= {"use_cached_activations": True, "cached_activations_path": cached_path}
-        if wandb != "disabled":
-            run_changes["logger"] = LoggingConfig(
-                log_to_wandb=True, wandb_project="sae-lens-hierarchical", run_name=f"htopk-{preset.name}"
-            )
-            # In-loop evaluations run the whole LM with logits: keep them small on a CPU.
-            run_changes |= {"n_eval_batches": 1, "eval_batch_size_prompts": 4}
-        cfg = replace(cfg, **run_changes)
-        torch.manual_seed(seed)  # SAELens does not seed torch from cfg.seed; this fixes the SAE's initialisation
-        runner = LanguageModelSAETrainingRunner(
-            cfg,
-            override_model=model,
-            override_dataset=activations.train_sequences if activations is not None else None,
-        )
-        runner.run()
-        sae_dir = scratch / SAE_DIRNAME
-        results: list[BudgetMetrics] = []
-        if activations is not None:
-            sae = load_sae(sae_dir)
-            assert isinstance(sae, HierarchicalTopKSAE)
-            results = activations.evaluate(sae, model, downstream_tokens, progress=progress)
-            write_report(results, scratch, title=f"HierarchicalTopK on {preset.model_name} ({preset.hook_name})")
-        job = {"preset": preset.name, "overrides": overrides or {}, "training_tokens": training_tokens}
-        job |= {"eval_tokens": eval_tokens, "downstream_tokens": downstream_tokens, "seed": seed}
-        seconds = _finish_job(scratch, output_dir, job, started)
-    return TrainingJobResult(output_dir, output_dir / SAE_DIRNAME, results, seconds)
-
-
-def write_report(results: list[BudgetMetrics], directory: Path, title: str) -> None:
-    """``per_k.md`` (table), ``per_k.json`` and ``per_k.png`` (plot) in ``directory``.
-
-    ``per_k.json`` is ``{"per_k": [one row per budget], "first_rank": ...}``. Results of :func:`evaluate_over_k`
-    carry each latent's first rank: its histogram is ``first_rank`` (else null), a second table in ``per_k.md`` and a
-    panel of ``per_k.png``.
-    """
-    table = format_markdown_table(results)
-    first_rank = None
-    if isinstance(results, BudgetResults):
-        table += "\n\nLatents by the first rank at which they fire:\n\n" + format_first_rank_table(results.first_ranks)
-        first_rank = results.first_ranks.to_dict()
-    (directory / "per_k.md").write_text(table + "\n")
-    report = {"per_k": [r.to_dict() for r in results], "first_rank": first_rank}
-    (directory / "per_k.json").write_text(json.dumps(report, indent=2))
-    plot_over_k(results, directory / "per_k.png", title=title)
-
-
-def _finish_job(scratch: Path, output_dir: Path, job: dict[str, Any], started: float) -> float:
-    """Record the job's settings and duration in ``job.json``, then move the results into place."""
-    seconds = time.perf_counter() - started
-    (scratch / "job.json").write_text(json.dumps({**job, "seconds": round(seconds, 1)}, indent=2))
-    move_into_place(scratch, output_dir)
-    return seconds
-
-
-def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ValueError(f"output directory {output_dir} exists and is a file")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise ValueError(f"output directory {output_dir} exists and is not empty; pass overwrite or choose another")
-
-
-@contextmanager
-def _wandb_environment(mode: str, directory: Path) -> Iterator[None]:
-    """wandb's mode and run directory for the duration of one job, restored afterwards."""
-    saved = {name: os.environ.get(name) for name in ("WANDB_MODE", "WANDB_DIR")}
-    if mode != "disabled":
-        os.environ.update(WANDB_MODE=mode, WANDB_DIR=str(directory))
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-# --- Baseline suite: HierarchicalTopK against fixed-k TopK SAEs trained on identical activations ---
 
 BASELINES = ("topk", "multi_topk")
 
@@ -383,7 +121,7 @@ def run_comparison_job(
         n_checkpoints: checkpoints during training, kept beside ``output_dir`` until the job succeeds; rerunning
             the same job after a crash resumes from the newest complete one (embedded presets).
     """
-    _check_output_dir(output_dir, overwrite)
+    check_output_dir(output_dir, overwrite)
     if n_checkpoints < 0:
         raise ValueError(f"n_checkpoints must be >= 0; got {n_checkpoints}")
     started = time.perf_counter()
@@ -425,7 +163,7 @@ def run_comparison_job(
         job = {"preset": preset.name, "overrides": overrides or {}, "training_tokens": training_tokens}
         job |= {"eval_tokens": eval_tokens, "downstream_tokens": downstream_tokens, "seed": seed}
         job |= {"budgets": budgets, "baselines": list(baselines)}
-        seconds = _finish_job(scratch, output_dir, job, started)
+        seconds = finish_job(scratch, output_dir, job, started)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return ComparisonJobResult(output_dir, results, seconds)
 
@@ -452,8 +190,12 @@ def train_suite(
     """
     saes: dict[str, TrainingSAE[Any]] = {}
     for member in members:
+        # SAELens's from_sae_runner_config records the model, hook, context and BOS in the SAE's metadata.
+        sae_cfg = HierarchicalTopKTrainingSAEConfig.from_sae_runner_config(
+            replace(cfg, sae=replace(cfg.sae, **member.sae_overrides))
+        )
         torch.manual_seed(seed)
-        saes[member.name] = HierarchicalTopKTrainingSAE(replace(cfg.sae, **member.sae_overrides))
+        saes[member.name] = HierarchicalTopKTrainingSAE(sae_cfg)
     sae_dirs = {name: output_dir / name for name in saes}
     if activations is None or activations.train is None:
         if n_checkpoints:
@@ -471,7 +213,8 @@ def train_suite(
     if n_checkpoints and checkpoint_dir is None:
         raise ValueError("n_checkpoints > 0 needs a checkpoint_dir")
     for sae in saes.values():
-        _set_metadata(sae, cfg)
+        for name in RUNNER_ONLY_METADATA:
+            setattr(sae.cfg.metadata, name, getattr(cfg, name))
     settings = {"members": [asdict(m) for m in members], "seed": seed, "runner": _json_safe(cfg.to_dict())}
     trainer_cfg = replace(
         cfg.to_sae_trainer_config(),
@@ -517,6 +260,16 @@ def train_suite(
 
 
 CHECKPOINT_MARKER = "checkpoint_complete.json"
+# Runner fields that SAELens's runners copy into each SAE's metadata when they run (in their private
+# ``_set_sae_metadata``) but its public ``from_sae_runner_config`` leaves out. From cached activations train_suite
+# drives MultiSAETrainer itself (to own the batch order and resume from checkpoints), so no runner records them.
+RUNNER_ONLY_METADATA = (
+    "dataset_path",
+    "model_class_name",
+    "exclude_special_tokens",
+    "sequence_separator_token",
+    "disable_concat_sequences",
+)
 
 
 def latest_checkpoint(checkpoint_dir: Path, settings: dict[str, Any]) -> Path | None:
@@ -594,25 +347,6 @@ def shuffled_batches(
             if index >= skip:
                 yield {hook_name: activations[order[start : start + batch_size]].to(device)}
             index += 1
-
-
-def _set_metadata(sae: TrainingSAE[Any], cfg: LanguageModelSAERunnerConfig[Any]) -> None:
-    """The metadata SAELens's runner records, so the SAE loads and splices like a runner-trained one."""
-    for name in (
-        "dataset_path",
-        "hook_name",
-        "model_name",
-        "model_class_name",
-        "hook_head_index",
-        "context_size",
-        "seqpos_slice",
-        "model_from_pretrained_kwargs",
-        "prepend_bos",
-        "exclude_special_tokens",
-        "sequence_separator_token",
-        "disable_concat_sequences",
-    ):
-        setattr(sae.cfg.metadata, name, getattr(cfg, name))
 
 
 def write_comparison_report(

@@ -1,0 +1,44 @@
+"""The jobs behind the CLI: train one SAE with SAELens's runner (:mod:`.train`), or the baseline suite in lockstep
+(:mod:`.compare`); shared plumbing (cached activations, overrides, reports, results directories) in :mod:`.common`."""
+
+from __future__ import annotations
+
+from sae_lens_hierarchical.jobs.common import (
+    EmbeddedActivations,
+    apply_overrides,
+    prepare_embedded_activations,
+    write_report,
+)
+from sae_lens_hierarchical.jobs.compare import (
+    BASELINES,
+    CHECKPOINT_MARKER,
+    ComparisonJobResult,
+    SuiteMember,
+    baseline_suite,
+    latest_checkpoint,
+    run_comparison_job,
+    shuffled_batches,
+    train_suite,
+    write_comparison_report,
+)
+from sae_lens_hierarchical.jobs.train import SAE_DIRNAME, TrainingJobResult, run_training_job
+
+__all__ = [
+    "BASELINES",
+    "CHECKPOINT_MARKER",
+    "SAE_DIRNAME",
+    "ComparisonJobResult",
+    "EmbeddedActivations",
+    "SuiteMember",
+    "TrainingJobResult",
+    "apply_overrides",
+    "baseline_suite",
+    "latest_checkpoint",
+    "prepare_embedded_activations",
+    "run_comparison_job",
+    "run_training_job",
+    "shuffled_batches",
+    "train_suite",
+    "write_comparison_report",
+    "write_report",
+]

@@ -1,0 +1,203 @@
+"""Plumbing shared by the jobs: cached activations of an embedded preset, overrides, reports, results directories.
+
+A job builds its results in a scratch directory beside the target (:func:`sae_lens_hierarchical._files.scratch_beside`)
+and :func:`finish_job` renames it into place only when the job has succeeded, so a failed or interrupted job never
+leaves a half-written results directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from sae_lens import SAE, LanguageModelSAERunnerConfig
+from sae_lens.util import get_special_token_ids
+from transformer_lens import HookedTransformer
+
+from sae_lens_hierarchical._files import move_into_place
+from sae_lens_hierarchical.data.activation_cache import (
+    DEFAULT_CACHE_ROOT,
+    ActivationCache,
+    ActivationCacheKey,
+    cache_activations,
+)
+from sae_lens_hierarchical.evaluation import (
+    BudgetMetrics,
+    BudgetResults,
+    evaluate_over_k,
+    format_first_rank_table,
+    format_markdown_table,
+    plot_over_k,
+)
+from sae_lens_hierarchical.presets import Preset
+
+
+@dataclass
+class EmbeddedActivations:
+    """Cached held-out (and, for training, training) activations of an embedded preset."""
+
+    held_out: ActivationCache
+    special_token_ids: list[int]
+    train: ActivationCache | None = None
+    train_sequences: Dataset | None = None
+    _held_out_activations: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    def held_out_activations(self) -> torch.Tensor:
+        """``[tokens, d_in]`` held-out activations without BOS and other special-token positions (read once)."""
+        if self._held_out_activations is None:
+            self._held_out_activations = self.held_out.token_activations(exclude_token_ids=self.special_token_ids)
+        return self._held_out_activations
+
+    def held_out_tokens(self, n_tokens: int) -> torch.Tensor:
+        """``[sequences, context]`` token ids of the first held-out sequences, at least ``n_tokens`` in all."""
+        dataset = self.held_out.load()
+        n_sequences = min(math.ceil(n_tokens / self.held_out.key.context_size), len(dataset))
+        return dataset.select(range(n_sequences))[:]["token_ids"].long()
+
+    def evaluate(
+        self,
+        sae: SAE[Any],
+        model: HookedTransformer,
+        downstream_tokens: int,
+        ks: list[int] | None = None,
+        progress: bool = True,
+    ) -> list[BudgetMetrics]:
+        """:func:`evaluate_over_k` on the held-out activations, with CE-loss/KL scores on the first
+        ``downstream_tokens`` held-out tokens (none when 0); special-token positions are left alone."""
+        tokens = self.held_out_tokens(downstream_tokens) if downstream_tokens else None
+        return evaluate_over_k(
+            sae,
+            self.held_out_activations(),
+            ks=ks,
+            progress=progress,
+            model=model if tokens is not None else None,
+            tokens=tokens,
+            exclude_token_ids=self.special_token_ids,
+        )
+
+
+def prepare_embedded_activations(
+    preset: Preset,
+    model: HookedTransformer,
+    eval_tokens: int,
+    training_tokens: int | None = None,
+    cache_root: Path = DEFAULT_CACHE_ROOT,
+    progress: bool = True,
+) -> EmbeddedActivations:
+    """Cache (or reuse) activations of the last held-out sequences and, if asked, the first training ones.
+
+    The preset's sequences come in a fixed shuffled order; training uses a prefix of it and evaluation the
+    tail, so the two never overlap and every SAE trained on the same preset sees identical activations.
+    """
+    if preset.load_token_sequences is None:
+        raise ValueError(f"preset {preset.name!r} streams its corpus; only embedded presets cache activations")
+    sequences = preset.load_token_sequences(model.tokenizer, preset.context_size)
+    text_tokens_per_sequence = preset.context_size - 1  # BOS is excluded
+    n_eval = math.ceil(eval_tokens / text_tokens_per_sequence)
+    if not 1 <= n_eval < len(sequences):
+        raise ValueError(
+            f"eval_tokens must be in 1..{(len(sequences) - 1) * text_tokens_per_sequence} for preset "
+            f"{preset.name!r} ({len(sequences)} sequences of {preset.context_size}); got {eval_tokens}"
+        )
+
+    def cached(split: str, rows: range) -> ActivationCache:
+        key = ActivationCacheKey(
+            model_name=preset.model_name,
+            hook_name=preset.hook_name,
+            corpus=f"{preset.corpus}-{split}",
+            context_size=preset.context_size,
+            n_sequences=len(rows),
+        )
+        return cache_activations(model, sequences.select(rows), key, cache_root, progress=progress)
+
+    activations = EmbeddedActivations(
+        held_out=cached("heldout", range(len(sequences) - n_eval, len(sequences))),
+        special_token_ids=sorted(get_special_token_ids(model.tokenizer)),
+    )
+    if training_tokens is not None:
+        # More tokens than the corpus holds are reached by SAELens reusing the cache over several epochs.
+        n_train = min(math.ceil(training_tokens / text_tokens_per_sequence), len(sequences) - n_eval)
+        activations.train = cached("train", range(n_train))
+        activations.train_sequences = sequences.select(range(n_train))
+    return activations
+
+
+def apply_overrides(
+    cfg: LanguageModelSAERunnerConfig[Any], overrides: dict[str, Any]
+) -> LanguageModelSAERunnerConfig[Any]:
+    """Set runner fields (``lr``) and SAE fields (``sae.k``) by name; unknown names raise a clear error."""
+    runner_names = {f.name for f in fields(cfg)}
+    sae_names = {f.name for f in fields(cfg.sae)}
+    runner_changes: dict[str, Any] = {}
+    sae_changes: dict[str, Any] = {}
+    for name, value in overrides.items():
+        if name.startswith("sae."):
+            if name[4:] not in sae_names:
+                raise ValueError(f"unknown SAE field {name!r}; SAE fields are sae.<{'|'.join(sorted(sae_names))}>")
+            sae_changes[name[4:]] = value
+        elif name in runner_names and name != "sae":
+            runner_changes[name] = value
+        else:
+            raise ValueError(f"unknown runner field {name!r}; see LanguageModelSAERunnerConfig, or use sae.<field>")
+    if sae_changes:
+        runner_changes["sae"] = replace(cfg.sae, **sae_changes)
+    return replace(cfg, **runner_changes) if runner_changes else cfg
+
+
+def write_report(results: list[BudgetMetrics], directory: Path, title: str) -> None:
+    """``per_k.md`` (table), ``per_k.json`` and ``per_k.png`` (plot) in ``directory``.
+
+    ``per_k.json`` is ``{"per_k": [one row per budget], "first_rank": ...}``. Results of :func:`evaluate_over_k`
+    carry each latent's first rank: its histogram is ``first_rank`` (else null), a second table in ``per_k.md`` and a
+    panel of ``per_k.png``.
+    """
+    table = format_markdown_table(results)
+    first_rank = None
+    if isinstance(results, BudgetResults):
+        table += "\n\nLatents by the first rank at which they fire:\n\n" + format_first_rank_table(results.first_ranks)
+        first_rank = results.first_ranks.to_dict()
+    (directory / "per_k.md").write_text(table + "\n")
+    report = {"per_k": [r.to_dict() for r in results], "first_rank": first_rank}
+    (directory / "per_k.json").write_text(json.dumps(report, indent=2))
+    plot_over_k(results, directory / "per_k.png", title=title)
+
+
+def finish_job(scratch: Path, output_dir: Path, job: dict[str, Any], started: float) -> float:
+    """Record the job's settings and duration in ``job.json``, then move the results into place."""
+    seconds = time.perf_counter() - started
+    (scratch / "job.json").write_text(json.dumps({**job, "seconds": round(seconds, 1)}, indent=2))
+    move_into_place(scratch, output_dir)
+    return seconds
+
+
+def check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """Refuse a file, or a non-empty directory unless ``overwrite``, before any expensive work."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"output directory {output_dir} exists and is a file")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise ValueError(f"output directory {output_dir} exists and is not empty; pass overwrite or choose another")
+
+
+@contextmanager
+def wandb_environment(mode: str, directory: Path) -> Iterator[None]:
+    """wandb's mode and run directory for the duration of one job, restored afterwards."""
+    saved = {name: os.environ.get(name) for name in ("WANDB_MODE", "WANDB_DIR")}
+    if mode != "disabled":
+        os.environ.update(WANDB_MODE=mode, WANDB_DIR=str(directory))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

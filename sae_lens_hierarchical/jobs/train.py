@@ -1,0 +1,107 @@
+"""The training job: one HierarchicalTopK SAE trained by SAELens's runner, then evaluated at every budget k."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from sae_lens import LanguageModelSAETrainingRunner, LoggingConfig
+from transformer_lens import HookedTransformer
+
+from sae_lens_hierarchical._files import scratch_beside
+from sae_lens_hierarchical.data.activation_cache import DEFAULT_CACHE_ROOT
+from sae_lens_hierarchical.evaluation import BudgetMetrics
+from sae_lens_hierarchical.hierarchical_topk_sae import HierarchicalTopKSAE
+from sae_lens_hierarchical.jobs.common import (
+    apply_overrides,
+    check_output_dir,
+    finish_job,
+    prepare_embedded_activations,
+    wandb_environment,
+    write_report,
+)
+from sae_lens_hierarchical.loading import load_sae
+from sae_lens_hierarchical.presets import Preset
+
+SAE_DIRNAME = "sae"
+
+
+@dataclass
+class TrainingJobResult:
+    output_dir: Path
+    sae_dir: Path
+    results: list[BudgetMetrics]
+    seconds: float
+
+
+def run_training_job(
+    preset: Preset,
+    output_dir: Path,
+    overrides: dict[str, Any] | None = None,
+    training_tokens: int | None = None,
+    eval_tokens: int | None = None,
+    downstream_tokens: int | None = None,
+    cache_root: Path = DEFAULT_CACHE_ROOT,
+    device: str = "cpu",
+    wandb: str = "offline",
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+    model: HookedTransformer | None = None,
+) -> TrainingJobResult:
+    """Train a HierarchicalTopK SAE on ``preset`` and evaluate it at every budget k on held-out text.
+
+    Args:
+        overrides: runner fields by name and SAE fields as ``sae.<name>`` (e.g. ``{"sae.k": 32}``).
+        wandb: ``"offline"`` (default: logs under the results directory), ``"online"`` or ``"disabled"``.
+        downstream_tokens: held-out tokens for CE-loss/KL scores (default the preset's; 0 skips them).
+        model: an already loaded model for ``preset`` (loading Gemma takes ~35 s).
+    """
+    if wandb not in ("offline", "online", "disabled"):
+        raise ValueError(f"wandb must be 'offline', 'online' or 'disabled'; got {wandb!r}")
+    check_output_dir(output_dir, overwrite)
+    started = time.perf_counter()
+    training_tokens = training_tokens or preset.training_tokens
+    eval_tokens = eval_tokens or preset.eval_tokens
+    downstream_tokens = preset.downstream_eval_tokens if downstream_tokens is None else downstream_tokens
+    # Validate the configuration before any expensive work.
+    cfg = apply_overrides(preset.runner_config(None, training_tokens=training_tokens, seed=seed), overrides or {})
+    model = model if model is not None else preset.load_model(device)
+    activations = None
+    if preset.embedded:
+        activations = prepare_embedded_activations(
+            preset, model, eval_tokens, training_tokens, cache_root=cache_root, progress=progress
+        )
+    with scratch_beside(output_dir) as scratch, wandb_environment(wandb, scratch):
+        run_changes: dict[str, Any] = {"output_path": str(scratch / SAE_DIRNAME), "device": device}
+        if activations is not None and activations.train is not None:
+            cached_path = str(activations.train.activations_path)
+            run_changes |= {"use_cached_activations": True, "cached_activations_path": cached_path}
+        if wandb != "disabled":
+            run_changes["logger"] = LoggingConfig(
+                log_to_wandb=True, wandb_project="sae-lens-hierarchical", run_name=f"htopk-{preset.name}"
+            )
+            # In-loop evaluations run the whole LM with logits: keep them small on a CPU.
+            run_changes |= {"n_eval_batches": 1, "eval_batch_size_prompts": 4}
+        cfg = replace(cfg, **run_changes)
+        torch.manual_seed(seed)  # SAELens does not seed torch from cfg.seed; this fixes the SAE's initialisation
+        runner = LanguageModelSAETrainingRunner(
+            cfg,
+            override_model=model,
+            override_dataset=activations.train_sequences if activations is not None else None,
+        )
+        runner.run()
+        sae_dir = scratch / SAE_DIRNAME
+        results: list[BudgetMetrics] = []
+        if activations is not None:
+            sae = load_sae(sae_dir)
+            assert isinstance(sae, HierarchicalTopKSAE)
+            results = activations.evaluate(sae, model, downstream_tokens, progress=progress)
+            write_report(results, scratch, title=f"HierarchicalTopK on {preset.model_name} ({preset.hook_name})")
+        job = {"preset": preset.name, "overrides": overrides or {}, "training_tokens": training_tokens}
+        job |= {"eval_tokens": eval_tokens, "downstream_tokens": downstream_tokens, "seed": seed}
+        seconds = finish_job(scratch, output_dir, job, started)
+    return TrainingJobResult(output_dir, output_dir / SAE_DIRNAME, results, seconds)
