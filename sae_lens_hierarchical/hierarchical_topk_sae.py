@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import itertools
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -36,7 +35,12 @@ from torch import nn
 from typing_extensions import Self, override
 
 from sae_lens_hierarchical._files import save_files_atomically
-from sae_lens_hierarchical.losses import HIERARCHICAL_LOSSES, uniform_level_weights
+from sae_lens_hierarchical.losses import (
+    HIERARCHICAL_LOSSES,
+    uniform_level_weights,
+    validate_level_weights,
+    validate_levels,
+)
 
 ARCHITECTURE = "hierarchical_topk"
 
@@ -75,41 +79,14 @@ def _validate_max_k(k: object, d_sae: int) -> None:
 
 def resolve_levels(k: int, hierarchy_levels: list[int] | None) -> list[int]:
     """The budgets J whose errors the loss sums; default every budget 1..K (the paper's choice)."""
-    if hierarchy_levels is None:
-        return list(range(1, k + 1))
-    levels = list(hierarchy_levels)
-    if not levels:
-        raise ValueError(f"hierarchy_levels must be non-empty, a strictly increasing list in 1..K={k} ending at K")
-    for level in levels:
-        if not _is_int(level) or not 1 <= level <= k:
-            raise ValueError(f"hierarchy_levels entries must be ints in 1..K={k}; got {level!r} in {levels}")
-    if any(b <= a for a, b in itertools.pairwise(levels)):
-        raise ValueError(f"hierarchy_levels must be strictly increasing (sorted, no duplicates); got {levels}")
-    if levels[-1] != k:
-        # Latents ranked past the last level would be selected at inference but never trained.
-        raise ValueError(
-            f"hierarchy_levels must end at K={k} (the largest budget trained); got {levels}. "
-            f"Lower k to {levels[-1]} or append {k}."
-        )
-    return levels
+    return list(range(1, k + 1)) if hierarchy_levels is None else validate_levels(k, hierarchy_levels)
 
 
 def resolve_level_weights(levels: list[int], hierarchy_weights: list[float] | None) -> list[float]:
     """Per-level weights; default uniform 1/|J|. Given weights are used as is (not renormalised)."""
     if hierarchy_weights is None:
         return uniform_level_weights(levels)
-    weights = list(hierarchy_weights)
-    if len(weights) != len(levels):
-        raise ValueError(
-            f"hierarchy_weights must have one weight per level ({len(levels)} levels: {levels}); "
-            f"got {len(weights)} weights {weights}"
-        )
-    for weight in weights:
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight < float("inf"):
-            raise ValueError(f"hierarchy_weights must be finite numbers >= 0; got {weight!r} in {weights}")
-    if sum(weights) <= 0:
-        raise ValueError(f"hierarchy_weights must not all be zero; got {weights}")
-    return [float(w) for w in weights]
+    return validate_level_weights(levels, hierarchy_weights)
 
 
 class NestedTopK(nn.Module):

@@ -11,9 +11,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sae_lens_hierarchical import HierarchicalTopKTrainingSAEConfig, losses
+from sae_lens_hierarchical import HierarchicalTopKTrainingSAEConfig
 from sae_lens_hierarchical.losses import (
     HIERARCHICAL_LOSSES,
+    _common,
+    fused,
     hierarchical_mse_fused,
     hierarchical_mse_reference,
     uniform_level_weights,
@@ -219,9 +221,11 @@ def test_only_requested_gradients_are_computed_and_no_grad_works() -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"levels": [0, 4]}, r"budgets in 1..K=4"),
-        ({"levels": [2, 5]}, r"budgets in 1..K=4"),
-        ({"level_weights": [1.0]}, r"one weight each"),
+        ({"levels": [0, 4]}, r"entries must be ints in 1..K=4; got 0"),
+        ({"levels": [2, 5]}, r"entries must be ints in 1..K=4; got 5"),
+        ({"levels": [4, 2]}, r"strictly increasing .* got \[4, 2\]"),
+        ({"levels": [2, 3]}, r"must end at K=4"),
+        ({"level_weights": [1.0]}, r"one weight per level \(2 levels"),
         ({"chunk_size": 0}, r"chunk_size and token_block must be >= 1"),
         ({"token_block": 0}, r"chunk_size and token_block must be >= 1"),
     ],
@@ -274,7 +278,7 @@ def recording_host_tensors(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[co
 
 def clear_constant_caches() -> None:
     """Start from empty caches, so the first call in a test builds the tables (whatever ran before)."""
-    for cached in (losses._plan_chunks, losses._weight_vector, losses._level_positions):
+    for cached in (fused._plan_chunks, _common.weight_vector, _common.level_positions):
         if hasattr(cached, "cache_clear"):
             cached.cache_clear()
 
@@ -318,9 +322,9 @@ def test_backward_leaves_the_cached_chunk_tables_unchanged() -> None:
                 3.0 * hierarchical_mse_fused(**p, levels=list(levels), level_weights=list(weights), chunk_size=3).loss
             ),
         )
-    cached = losses._plan_chunks(levels, weights, 8, 3, torch.device("cpu"), torch.float64)
-    fresh = losses._plan_chunks.__wrapped__(levels, weights, 8, 3, torch.device("cpu"), torch.float64)
-    assert losses._plan_chunks.cache_info().hits >= 2
+    cached = fused._plan_chunks(levels, weights, 8, 3, torch.device("cpu"), torch.float64)
+    fresh = fused._plan_chunks.__wrapped__(levels, weights, 8, 3, torch.device("cpu"), torch.float64)
+    assert fused._plan_chunks.cache_info().hits >= 2
     for got, expected in zip(cached, fresh, strict=True):
         for field, value in got._asdict().items():
             if isinstance(value, torch.Tensor):

@@ -27,7 +27,7 @@ from tests.test_losses import naive_per_level_loss, random_problem
 @pytest.fixture(scope="module")
 def kernels() -> ModuleType:
     pytest.importorskip("triton")
-    from sae_lens_hierarchical import triton_kernels
+    from sae_lens_hierarchical.losses import triton_kernels
 
     if not triton_kernels.INTERPRETED and not torch.cuda.is_available():
         pytest.skip("compiled Triton kernels need a GPU; set TRITON_INTERPRET=1 before triton is imported")
@@ -130,7 +130,7 @@ def test_triton_bfloat16_inputs_accumulate_in_float32(kernels, device) -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"levels": [0, 4]}, r"budgets in 1..K=4"),
+        ({"levels": [0, 4]}, r"entries must be ints in 1..K=4; got 0"),
         ({"levels": [4, 2]}, r"strictly increasing"),
         ({"block_d": 6}, r"block_d must be a power of two"),
         ({"block_tokens": 0}, r"block_tokens must be a power of two"),

@@ -1,7 +1,8 @@
 """Triton kernels for the HierarchicalTopK loss: the memory-flat forward and backward of ``losses.py`` on GPU.
 
 Kept apart from :mod:`sae_lens_hierarchical.losses` (as openai/sparse_autoencoder keeps its ``kernels.py``) so that
-the package imports and trains without triton: ``losses.py`` imports this module only when the Triton path is chosen.
+the package imports and trains without triton: ``losses/__init__.py`` imports this module only when the Triton path
+is chosen.
 
 Both kernels run on a grid of (token blocks) x (``d_in`` blocks). Tokens are independent and the loss is a sum over
 ``d_in`` columns, so every program walks all K ranks on its own ``[BLOCK_TOKENS, BLOCK_D]`` tile, gathering the
@@ -23,14 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
-from sae_lens_hierarchical.losses import TRITON_DTYPES, HierarchicalMSE, check_levels, input_gradients
+from sae_lens_hierarchical.losses._common import TRITON_DTYPES, HierarchicalMSE, check_levels, input_gradients
 
 # A [32, 128] float32 tile is 32 registers a thread at 4 warps; backward keeps about four such tiles live.
 _BLOCK_TOKENS = 32
@@ -295,8 +295,6 @@ def hierarchical_mse_triton(
     d_in = sae_in.shape[-1]
     n_kept = top_acts.shape[-1]
     check_levels(levels, level_weights, n_kept)
-    if any(later <= earlier for earlier, later in itertools.pairwise(levels)):
-        raise ValueError(f"levels must be strictly increasing; got {list(levels)}")
     if not sae_in.is_cuda and not INTERPRETED:
         raise ValueError(
             f"the Triton loss runs on CUDA tensors (or with TRITON_INTERPRET=1 set before import); got {sae_in.device}"

@@ -1,127 +1,20 @@
-"""The HierarchicalTopK reconstruction loss.
-
-For each token, the K kept activations are sorted in descending order, a_(1) >= ... >= a_(K), and the
-prefix reconstruction at budget j is ``x_hat_j = b_dec + sum_{i <= j} a_(i) * W_dec[(i)]``. The loss is
-
-    L = sum_{j in levels} w_j * mean_tokens( ||x - x_hat_j||^2 )
-
-Scale convention: squared error summed over ``d_in`` and averaged over tokens, exactly SAELens's TopK
-``mse_loss``. With the default uniform weights ``w_j = 1 / |levels|`` the loss is an average over levels,
-so it stays on the scale of a single-level MSE: SAELens's AuxK coefficient and its hard-coded
-gradient clipping (norm 1.0) behave as they do for TopK, and ``levels == [K]`` *is* TopK's loss.
-
-Every implementation here shares one signature and returns a :class:`HierarchicalMSE`; tests compare
-them against an independent float64 loop. The Triton kernels (GPU) live in :mod:`sae_lens_hierarchical.triton_kernels`
-and are imported only when used; :func:`hierarchical_mse_auto` picks them on CUDA and the torch fused path elsewhere.
-"""
+"""The memory-flat hierarchical loss: a custom autograd function walking tiles of tokens x ranks in torch."""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 
-
-class HierarchicalMSE(NamedTuple):
-    """Result of a hierarchical loss evaluation.
-
-    Attributes:
-        loss: scalar, differentiable; the weighted sum of per-level MSEs.
-        level_mse: ``[n_levels]``, detached; per-level MSE (summed over d_in, mean over tokens), for logging.
-        reconstruction: ``[..., d_in]``, detached; the full top-K reconstruction ``x_hat_K`` (SAELens's
-            ``sae_out``), which the AuxK loss and training statistics need.
-    """
-
-    loss: torch.Tensor
-    level_mse: torch.Tensor
-    reconstruction: torch.Tensor
-
-
-def uniform_level_weights(levels: list[int]) -> list[float]:
-    """The paper's weighting: every budget counts equally, and the weights sum to one."""
-    return [1.0 / len(levels)] * len(levels)
-
-
-def check_levels(levels: list[int], level_weights: list[float], n_kept: int) -> None:
-    """Raise ValueError unless ``levels`` are budgets in ``1..K`` with one weight each (shared by the fused paths)."""
-    if len(levels) != len(level_weights) or not levels or any(not 1 <= level <= n_kept for level in levels):
-        raise ValueError(
-            f"levels must be a non-empty list of budgets in 1..K={n_kept} with one weight each; "
-            f"got levels={list(levels)}, level_weights={list(level_weights)}"
-        )
-
-
-# --- per-step constants, built once ---------------------------------------------------------------------
-# Every training step uses the same levels and weights. Building their tensors from Python lists is a blocking
-# host-to-device copy on CUDA (one per tensor, per step), so they are cached per (arguments, device, dtype), as the
-# Triton path caches its rank tables. Cached tensors are shared by every call: nothing may modify them in place.
-# They are built outside inference mode, so that a first call under ``torch.inference_mode()`` cannot cache tensors
-# that autograd later refuses to save for backward.
-
-_CACHE_SIZE = 64
-
-
-def _as_weights(level_weights: list[float] | tuple[float, ...]) -> tuple[float, ...]:
-    """Hashable cache key for the weights (ints and floats that compare equal give one entry)."""
-    return tuple(float(weight) for weight in level_weights)
-
-
-@functools.lru_cache(maxsize=_CACHE_SIZE)
-def _level_positions(levels: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """``[n_levels]`` 0-based rank column of each level's prefix, for ``index_select``."""
-    with torch.inference_mode(False):
-        return torch.tensor([level - 1 for level in levels], dtype=torch.long, device=device)
-
-
-@functools.lru_cache(maxsize=_CACHE_SIZE)
-def _weight_vector(level_weights: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """``[n_levels]`` level weights, multiplied into the per-level MSEs."""
-    with torch.inference_mode(False):
-        return torch.tensor(level_weights, dtype=dtype, device=device)
-
-
-def hierarchical_mse_reference(
-    sae_in: torch.Tensor,
-    top_acts: torch.Tensor,
-    top_indices: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    levels: list[int],
-    level_weights: list[float],
-) -> HierarchicalMSE:
-    """Plain autograd implementation: materialises every prefix reconstruction.
-
-    Simple and obviously right, but autograd keeps several ``[tokens, K, d_in]`` tensors alive, so memory
-    grows linearly with K.
-
-    Args:
-        sae_in: ``[..., d_in]`` target activations.
-        top_acts: ``[..., K]`` decoder coefficients of the kept latents, sorted descending by the
-            selection score (so column ``i`` is rank ``i + 1``).
-        top_indices: ``[..., K]`` latent index of each kept activation.
-        W_dec: ``[d_sae, d_in]`` decoder; rows are latent directions.
-        b_dec: ``[d_in]`` decoder bias.
-        levels: strictly increasing budgets in ``1..K`` whose reconstruction errors are summed.
-        level_weights: one non-negative weight per level.
-    """
-    d_in = sae_in.shape[-1]
-    n_kept = top_acts.shape[-1]
-    target = sae_in.reshape(-1, d_in)
-    acts = top_acts.reshape(-1, n_kept)
-    indices = top_indices.reshape(-1, n_kept)
-
-    # [tokens, K, d_in]: contribution of each ranked latent, then running sums over rank.
-    contributions = acts.unsqueeze(-1) * W_dec[indices]
-    prefix_recons = b_dec + contributions.cumsum(dim=1)
-    level_positions = _level_positions(tuple(levels), sae_in.device)
-    level_recons = prefix_recons.index_select(1, level_positions)
-    level_mse = (level_recons - target.unsqueeze(1)).pow(2).sum(dim=-1).mean(dim=0)
-    loss = (level_mse * _weight_vector(_as_weights(level_weights), level_mse.device, level_mse.dtype)).sum()
-    reconstruction = prefix_recons[:, -1, :].reshape(sae_in.shape)
-    return HierarchicalMSE(loss, level_mse.detach(), reconstruction.detach())
-
+from sae_lens_hierarchical.losses._common import (
+    CACHE_SIZE,
+    HierarchicalMSE,
+    accumulation_dtype,
+    check_levels,
+    input_gradients,
+    weight_vector,
+)
 
 # --- memory-flat fused implementation ---------------------------------------------------------------
 
@@ -161,7 +54,7 @@ class _Chunk(NamedTuple):
     mixing: torch.Tensor  # [c, c]
 
 
-@functools.lru_cache(maxsize=_CACHE_SIZE)
+@functools.lru_cache(maxsize=CACHE_SIZE)
 def _plan_chunks(
     levels: tuple[int, ...],
     level_weights: tuple[float, ...],
@@ -196,14 +89,6 @@ def _plan_chunks(
     return tuple(chunks)
 
 
-def _accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float32 for half-precision inputs (sums over K ranks and d_in need it), else the promoted input dtype."""
-    dtype = tensors[0].dtype
-    for tensor in tensors[1:]:
-        dtype = torch.promote_types(dtype, tensor.dtype)
-    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
-
-
 def _gather_tile(
     top_acts: torch.Tensor, top_indices: torch.Tensor, W_dec: torch.Tensor, chunk: _Chunk, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -217,34 +102,6 @@ def _gather_tile(
 def _chunk_sum(acts: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``[n, d_in]``: what the chunk's ranks add to the reconstruction."""
     return torch.bmm(acts.unsqueeze(1), rows).squeeze(1)
-
-
-def input_gradients(
-    ctx: Any,
-    first_suffix: torch.Tensor,
-    grad_top_acts: torch.Tensor | None,
-    grad_W_dec: torch.Tensor | None,
-    top_acts: torch.Tensor,
-    W_dec: torch.Tensor,
-) -> tuple[torch.Tensor | None, ...]:
-    """``backward``'s outputs for the fused and Triton functions, each in its input's dtype.
-
-    From ``S_1`` ``[tokens, d_in]``: ``dL/dx = -S_1`` and ``dL/db_dec = sum_tokens S_1``; ``top_indices`` and the
-    four non-tensor arguments get None. ``ctx.input_dtypes`` holds the dtypes of ``sae_in`` and ``b_dec``.
-    """
-    need_sae_in, _, _, _, need_b_dec = ctx.needs_input_grad[:5]
-    sae_in_dtype, b_dec_dtype = ctx.input_dtypes
-    return (
-        (-first_suffix).to(sae_in_dtype) if need_sae_in else None,
-        grad_top_acts.to(top_acts.dtype) if grad_top_acts is not None else None,
-        None,
-        grad_W_dec.to(W_dec.dtype) if grad_W_dec is not None else None,
-        first_suffix.sum(dim=0).to(b_dec_dtype) if need_b_dec else None,
-        None,
-        None,
-        None,
-        None,
-    )
 
 
 class _FusedHierarchicalMSEFunction(torch.autograd.Function):
@@ -273,7 +130,7 @@ class _FusedHierarchicalMSEFunction(torch.autograd.Function):
         chunk_size: int,
         token_block: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        dtype = _accumulation_dtype(sae_in, top_acts, W_dec, b_dec)
+        dtype = accumulation_dtype(sae_in, top_acts, W_dec, b_dec)
         output_dtype = torch.promote_types(sae_in.dtype, W_dec.dtype)
         n_tokens, d_in = sae_in.shape
         chunks = _plan_chunks(levels, level_weights, top_acts.shape[1], chunk_size, sae_in.device, dtype)
@@ -298,7 +155,7 @@ class _FusedHierarchicalMSEFunction(torch.autograd.Function):
                     residual = residual + _chunk_sum(acts, rows) if last is None else last
                 final_residual[tokens] = residual
             level_mse = squared_errors / n_tokens
-            loss = (level_mse * _weight_vector(level_weights, level_mse.device, dtype)).sum()
+            loss = (level_mse * weight_vector(level_weights, level_mse.device, dtype)).sum()
             reconstruction = (sae_in.to(dtype) + final_residual).to(output_dtype)
         ctx.save_for_backward(top_acts, top_indices, W_dec, final_residual)
         ctx.chunks = chunks
@@ -398,67 +255,3 @@ def hierarchical_mse_fused(
         token_block,
     )
     return HierarchicalMSE(loss, level_mse, reconstruction.reshape(sae_in.shape))
-
-
-# --- Triton kernels and the automatic choice ------------------------------------------------------------
-
-HierarchicalLossFn = Callable[..., HierarchicalMSE]
-
-# Input dtypes the Triton kernels take (they accumulate in float32, so float64 stays on the torch path).
-TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@functools.cache
-def triton_available() -> bool:
-    """Whether triton can be imported (checked once; the package itself never needs it)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def hierarchical_mse_triton(*args: Any, **kwargs: Any) -> HierarchicalMSE:
-    """Memory-flat loss in Triton kernels, for CUDA tensors: see :mod:`sae_lens_hierarchical.triton_kernels`.
-
-    Same arguments and result as :func:`hierarchical_mse_fused`. Imported on first use, so that everything else
-    works without triton installed.
-    """
-    if not triton_available():
-        raise ImportError("the Triton loss needs triton: pip install 'sae-lens-hierarchical[gpu]'")
-    from sae_lens_hierarchical.triton_kernels import hierarchical_mse_triton as triton_loss
-
-    return triton_loss(*args, **kwargs)
-
-
-def auto_loss_implementation(device: torch.device | str, dtype: torch.dtype) -> str:
-    """``"triton"`` for float32/bfloat16/float16 tensors on CUDA when triton is installed, else ``"fused"``.
-
-    The torch fused path stays the choice on CPU (Triton kernels run on GPU only) and for float64.
-    """
-    use_triton = torch.device(device).type == "cuda" and dtype in TRITON_DTYPES and triton_available()
-    return "triton" if use_triton else "fused"
-
-
-def hierarchical_mse_auto(
-    sae_in: torch.Tensor,
-    top_acts: torch.Tensor,
-    top_indices: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    levels: list[int],
-    level_weights: list[float],
-) -> HierarchicalMSE:
-    """The memory-flat loss, on the implementation :func:`auto_loss_implementation` picks for these tensors."""
-    dtype = functools.reduce(torch.promote_types, (sae_in.dtype, top_acts.dtype, W_dec.dtype, b_dec.dtype))
-    loss_fn = HIERARCHICAL_LOSSES[auto_loss_implementation(sae_in.device, dtype)]
-    return loss_fn(sae_in, top_acts, top_indices, W_dec, b_dec, levels, level_weights)
-
-
-# ``HierarchicalTopKTrainingSAEConfig.loss_implementation`` -> loss function (all share one signature).
-HIERARCHICAL_LOSSES: dict[str, HierarchicalLossFn] = {
-    "auto": hierarchical_mse_auto,
-    "fused": hierarchical_mse_fused,
-    "reference": hierarchical_mse_reference,
-    "triton": hierarchical_mse_triton,
-}

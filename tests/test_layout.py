@@ -1,0 +1,125 @@
+"""The package's shape: no import cycle, no private name crossing modules, every module importable on its own."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = "sae_lens_hierarchical"
+ROOT = Path(__file__).resolve().parents[1] / PACKAGE
+
+
+def module_names() -> dict[str, Path]:
+    """``{dotted module name: file}`` for every module of the package."""
+    names = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        parts = path.relative_to(ROOT.parent).with_suffix("").parts
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return names
+
+
+def top_level_imports(path: Path, modules: dict[str, Path]) -> list[tuple[str, str]]:
+    """``(imported package module, imported name or '')`` for each import at module level (function bodies excluded:
+    a deferred import is how a module reaches one that builds on it)."""
+    found = []
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            found += [(alias.name, "") for alias in node.names if alias.name.startswith(PACKAGE)]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(PACKAGE):
+            for alias in node.names:
+                submodule = f"{node.module}.{alias.name}"
+                found.append((submodule, "") if submodule in modules else (node.module, alias.name))
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = module_names()
+    return {name: {target for target, _ in top_level_imports(path, modules)} for name, path in modules.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a path ``[a, b, ..., a]``, or None."""
+    state: dict[str, str] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = "open"
+        stack.append(node)
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == "open":
+                return [*stack[stack.index(target) :], target]
+            if target not in state and (cycle := visit(target)):
+                return cycle
+        stack.pop()
+        state[node] = "done"
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a"}}) is None
+
+
+def test_no_import_cycle() -> None:
+    graph = import_graph()
+    assert len(graph) > 15, sorted(graph)  # the walk saw the whole package
+    assert find_cycle(graph) is None
+
+
+def test_no_private_name_crosses_modules() -> None:
+    """A name with a leading underscore is its module's own; private modules serve only their own folder."""
+    modules = module_names()
+    offenders = []
+    for importer, path in modules.items():
+        for target, name in top_level_imports(path, modules):
+            if name.startswith("_"):
+                offenders.append(f"{importer} imports {target}.{name}")
+            private_parts = [part for part in target.split(".")[1:] if part.startswith("_")]
+            if private_parts and not importer.startswith(target.rsplit(".", 1)[0]):
+                offenders.append(f"{importer} imports the private module {target}")
+    assert offenders == []
+
+
+# Run in a fresh interpreter: load the third-party stack once, then fork one child per package module, which imports
+# that module first and alone (the children share the loaded libraries, never a module of this package).
+_IMPORT_EACH_ALONE = """
+import importlib, os, sys, traceback
+import torch, sae_lens, transformer_lens, datasets  # noqa: F401  (shared by the children, not ours)
+assert not [name for name in sys.modules if name.startswith("sae_lens_hierarchical")]
+failed = []
+for name in sys.argv[1:]:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            importlib.import_module(name)
+        except BaseException:
+            traceback.print_exc()
+            os._exit(1)
+        os._exit(0)
+    if os.waitpid(pid, 0)[1] != 0:
+        failed.append(name)
+print("FAILED", failed)
+sys.exit(1 if failed else 0)
+"""
+
+
+def test_every_module_imports_alone_in_a_fresh_interpreter() -> None:
+    """Import order cannot hide a cycle or a missing import: each module is imported first, alone."""
+    names = [name for name in module_names() if name != f"{PACKAGE}.losses.triton_kernels" or _installed("triton")]
+    run = subprocess.run(
+        [sys.executable, "-c", _IMPORT_EACH_ALONE, *names], capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+def _installed(distribution: str) -> bool:
+    from importlib.util import find_spec
+
+    return find_spec(distribution) is not None
