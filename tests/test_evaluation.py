@@ -31,7 +31,7 @@ from sae_lens_hierarchical.evaluation import (
     plot_first_ranks,
     plot_over_k,
 )
-from sae_lens_hierarchical.pipeline import write_report
+from sae_lens_hierarchical.jobs import write_report
 from tests.conftest import TRAINED_K
 
 BUDGETS = [1, 3, 8, 16]
