@@ -42,7 +42,7 @@ HierarchicalLossFn = Callable[..., HierarchicalMSE]
 
 
 def hierarchical_mse_triton(*args: Any, **kwargs: Any) -> HierarchicalMSE:
-    """Memory-flat loss in Triton kernels, for CUDA tensors: see :mod:`sae_lens_hierarchical.triton_kernels`.
+    """Memory-flat loss in Triton kernels, for CUDA tensors: see :mod:`sae_lens_hierarchical.losses.triton_kernels`.
 
     Same arguments and result as :func:`hierarchical_mse_fused`. Imported on first use, so that everything else
     works without triton installed.

@@ -1,4 +1,4 @@
-"""Triton kernels for the HierarchicalTopK loss: the memory-flat forward and backward of ``losses.py`` on GPU.
+"""Triton kernels for the HierarchicalTopK loss: the memory-flat forward and backward of ``losses.fused`` on GPU.
 
 Kept apart from :mod:`sae_lens_hierarchical.losses` (as openai/sparse_autoencoder keeps its ``kernels.py``) so that
 the package imports and trains without triton: ``losses/__init__.py`` imports this module only when the Triton path
