@@ -2,8 +2,9 @@
 
 Every writer in the package goes through here: SAE weights and configs (SAELens's save, staged then renamed file by
 file), activation-cache shards and manifests, results directories (built in a scratch directory beside the target,
-then renamed into place), checkpoint markers. Renames are atomic only within one file system, so temporaries always
-live beside their target. The cross-process lock is ``filelock``'s.
+then renamed into place), exports to a new directory (all of it appears, or none), checkpoint markers. Renames are
+atomic only within one file system, so temporaries always live beside their target. The cross-process lock is
+``filelock``'s.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,7 @@ def save_files_atomically(path: str | Path, save: Callable[[Path], tuple[Path, P
     staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=path))
     try:
         staged = save(staging)
-        for file in staged:
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
+        _fsync(staged)
         final = tuple(path / file.name for file in staged)
         for file, target in zip(staged, final, strict=True):
             os.replace(file, target)
@@ -104,6 +103,30 @@ def scratch_beside(target: Path) -> Iterator[Path]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def write_new_directory(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """Run ``write(scratch)``, then rename the scratch directory to ``path``: all of it appears, or none.
+
+    ``path`` must not exist or be an empty directory; the final ``os.replace`` itself refuses a non-empty one, so a
+    directory filled meanwhile is not overwritten either.
+    """
+    path = check_new_directory(path)
+    with scratch_beside(path) as scratch:
+        write(scratch)
+        _fsync(file for file in scratch.rglob("*") if file.is_file())
+        os.replace(scratch, path)
+    return path
+
+
+def check_new_directory(path: str | Path) -> Path:
+    """``path`` if it does not exist or is an empty directory; else one ``ValueError`` (nothing is overwritten)."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ValueError(
+            f"output {path} exists and is not an empty directory; choose a new one (nothing is overwritten)"
+        )
+    return path
+
+
 def move_into_place(scratch: Path, target: Path) -> None:
     """Rename ``scratch`` to ``target``; an old ``target`` is moved aside first and removed only after."""
     if not target.exists():
@@ -113,6 +136,13 @@ def move_into_place(scratch: Path, target: Path) -> None:
     os.replace(target, aside)
     os.replace(scratch, target)
     shutil.rmtree(aside)
+
+
+def _fsync(files: Iterable[Path]) -> None:
+    """Flush each file's data to disk before the rename that publishes it."""
+    for file in files:
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
 
 
 def _process_exists(pid: int) -> bool:

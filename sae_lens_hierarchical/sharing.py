@@ -10,8 +10,7 @@ per SAE id) plus a model card; ``dry_run`` writes exactly the files the upload w
 from __future__ import annotations
 
 import io
-import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -24,7 +23,7 @@ from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 from sae_lens.training import upload_saes_to_huggingface as sae_lens_upload
 
-from sae_lens_hierarchical._files import scratch_beside
+from sae_lens_hierarchical._files import check_new_directory, write_new_directory
 from sae_lens_hierarchical.hierarchical_topk_sae import (
     ARCHITECTURE,
     HierarchicalTopKSAE,
@@ -144,33 +143,6 @@ def check_budgets(ks: Iterable[int], max_k: int) -> list[int]:
     if not checked:
         raise ValueError(f"at least one budget k in 1..K={max_k} is needed")
     return checked
-
-
-def write_new_directory(path: str | Path, write: Callable[[Path], Any]) -> Path:
-    """Run ``write(scratch)``, then rename the scratch directory to ``path``: all of it appears, or none.
-
-    ``path`` must not exist or be an empty directory; the final ``os.replace`` itself refuses a non-empty one, so a
-    directory filled meanwhile is not overwritten either.
-    """
-    path = check_new_directory(path)
-    with scratch_beside(path) as scratch:
-        write(scratch)
-        for file in scratch.rglob("*"):
-            if file.is_file():
-                with open(file, "rb") as handle:
-                    os.fsync(handle.fileno())
-        os.replace(scratch, path)
-    return path
-
-
-def check_new_directory(path: str | Path) -> Path:
-    """``path`` if it does not exist or is an empty directory; else one ``ValueError`` (nothing is overwritten)."""
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise ValueError(
-            f"output {path} exists and is not an empty directory; choose a new one (nothing is overwritten)"
-        )
-    return path
 
 
 def _package_version() -> str:
