@@ -7,12 +7,12 @@ here, so ``from sae_lens_hierarchical.evaluation import evaluate_over_k, format_
 from typing import Any
 
 from sae_lens_hierarchical.evaluation.budgets import (
-    check_budgets,
     default_budgets,
     flat_inputs,
     max_budget,
     prefix_reconstructions,
     ranked_latents,
+    resolve_budgets,
 )
 from sae_lens_hierarchical.evaluation.downstream import downstream_metrics_over_k
 from sae_lens_hierarchical.evaluation.metrics import BudgetMetrics, BudgetResults, FirstRanks, evaluate_over_k
@@ -47,7 +47,6 @@ __all__ = [
     "BudgetResults",
     "FirstRanks",
     "by_family",
-    "check_budgets",
     "default_budgets",
     "downstream_metrics_over_k",
     "draw_first_ranks",
@@ -63,4 +62,5 @@ __all__ = [
     "plot_over_k",
     "prefix_reconstructions",
     "ranked_latents",
+    "resolve_budgets",
 ]

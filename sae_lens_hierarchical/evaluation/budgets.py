@@ -30,7 +30,9 @@ def default_budgets(max_k: int) -> list[int]:
     return [*budgets, max_k]
 
 
-def check_budgets(sae: SAE[Any], ks: list[int] | None) -> list[int]:
+def resolve_budgets(sae: SAE[Any], ks: list[int] | None) -> list[int]:
+    """The budgets to evaluate, sorted and distinct: ``ks`` checked against K (d_sae for SAEs without k), else the
+    default powers of two and K."""
     max_k = max_budget(sae)
     if max_k is None:
         if not ks:

@@ -15,7 +15,7 @@ from sae_lens import SAE
 from tqdm.auto import tqdm
 from transformer_lens.hook_points import HookedRootModule
 
-from sae_lens_hierarchical.evaluation.budgets import check_budgets, prefix_reconstructions
+from sae_lens_hierarchical.evaluation.budgets import prefix_reconstructions, resolve_budgets
 from sae_lens_hierarchical.evaluation.downstream import downstream_metrics_over_k
 from sae_lens_hierarchical.hierarchical_topk_sae import validate_k
 from sae_lens_hierarchical.loading import load_sae
@@ -130,7 +130,7 @@ def evaluate_over_k(
     """
     if isinstance(sae, (str, Path)):
         sae = load_sae(sae, device=str(activations.device))
-    ks = check_budgets(sae, ks)
+    ks = resolve_budgets(sae, ks)
     _check_activations(sae, activations)
     n_tokens = activations.shape[0]
     squared_error = torch.zeros(len(ks), dtype=torch.float64)
