@@ -274,6 +274,10 @@ class VariableKMixin(Generic[T_CFG]):
                 f"this SAE is an at_k({self.activation_fn.k}) view and cannot {action}; use the SAE itself"
             )
 
+    def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The nested top-K activation, for SAELens's constructor (both SAEs rank the same way)."""
+        return NestedTopK(self.cfg.k)
+
     def _scaled_hidden_pre(self, sae_in: torch.Tensor) -> torch.Tensor:
         """Pre-activations ``[..., d_sae]`` used for ranking (scaled by decoder norms when configured)."""
         hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)  # type: ignore[attr-defined]
@@ -406,10 +410,6 @@ class HierarchicalTopKSAE(VariableKMixin[HierarchicalTopKSAEConfig], TopKSAE):
     cfg: HierarchicalTopKSAEConfig  # type: ignore[assignment]
     activation_fn: NestedTopK
 
-    @override
-    def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        return NestedTopK(self.cfg.k)
-
 
 @dataclass
 class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
@@ -537,10 +537,6 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
     def save_inference_model(self, path: str | Path) -> tuple[Path, Path]:
         """SAELens's ``save_inference_model``, with each file replaced atomically."""
         return save_files_atomically(path, super().save_inference_model)
-
-    @override
-    def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        return NestedTopK(self.cfg.k)
 
     @override
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
