@@ -1,39 +1,70 @@
-"""One SAE training step, side by side: SAELens TopK vs HierarchicalTopK with the reference and the fused loss.
+"""One SAE training step, side by side: SAELens TopK, EleutherAI sparsify's TopK, HierarchicalTopK, and the floor.
 
-On CUDA there is a fourth row, ``HTopK triton``: the same fused algorithm as Triton kernels (``loss_implementation=
-"triton"``, what the default ``"auto"`` picks on GPU); ``HTopK fused`` is always the torch implementation.
+Rows (``--implementations``, default all of them):
 
-The step is the body of SAELens's ``SAETrainer._train_step``: ``training_forward_pass``, the firing statistics
-computed from ``feature_acts``, ``backward``, gradient clipping to norm 1.0, ``Adam.step`` and ``zero_grad``.
+- ``topk``, SAELens TopK: the body of SAELens's ``SAETrainer._train_step``: ``training_forward_pass`` (with AuxK),
+  the firing statistics computed from the dense ``feature_acts``, ``backward``, gradient clipping to norm 1.0,
+  ``Adam.step`` and ``zero_grad``.
+- ``sparsify``, sparsify's TopK (``eai-sparsify``, the ``[bench]`` extra; skipped with a note where it is not
+  installed): the step of its ``Trainer``: ``set_decoder_norm_to_unit_norm``, the ``SparseCoder`` forward with the
+  dead mask, loss ``fvu + auxk_alpha * auxk_loss`` with ``auxk_alpha = 1/32`` (its suggested value), ``backward``,
+  ``remove_gradient_parallel_to_decoder_directions``, ``Adam.step``, ``zero_grad`` and its firing statistics from
+  ``latent_indices``; no gradient clipping, as in its trainer. On CPU ``SPARSIFY_DISABLE_TRITON=1`` is set before it
+  is imported, so that it uses its eager decoder (it would pick its Triton one, which needs a GPU). On CUDA its
+  forward runs under bf16 autocast, as sparsify writes it; the other rows run in fp32.
+  Its encoder is an autograd function (``FusedEncoder``) whose backward uses only the gradient of the K selected
+  activations and ignores that of ``pre_acts``: its AuxK loss, computed from ``pre_acts``, trains the decoder only,
+  never the encoder. SAELens's AuxK gradient and ours reach the encoder too, so sparsify's step does less AuxK work.
+- ``htopk_reference``, ``htopk_fused``: the SAELens step above with ``HierarchicalTopKTrainingSAE``, the reference
+  and the fused (torch) hierarchical loss.
+- ``htopk_triton`` (CUDA only): the same fused algorithm as Triton kernels (``loss_implementation="triton"``, what the
+  default ``"auto"`` picks on GPU).
+- ``floor``: one dense encoder matmul ``x @ W_enc`` for the batch (``[tokens, d_in] @ [d_in, d_sae]``, no grad):
+  the work every TopK-family step must do.
 
-Time: median wall-clock seconds per step over ``--repeats`` steps after ``--warmup`` steps; the three
-implementations at one K are built together and timed round-robin, so load changes on the machine hit all alike.
+All rows get the same seed, batch, Adam learning rate (3e-4) and dead latents: the first ``--dead-fraction`` of them
+(default 0.1), held fixed so that AuxK runs every step.
+
+Time: median wall-clock seconds per step over ``--repeats`` steps after ``--warmup`` steps; the rows at one K are
+built together and timed round-robin, so load changes on the machine hit all alike.
 
 Threads: ``--threads 1`` gives stable numbers on a shared machine. With several threads every kernel is a
 thread-pool barrier; the fused loss runs about a thousand small kernels per step at K=64 (TopK a few dozen large
 ones), so when another process holds a core it stalls far more than TopK does.
 
-Memory: each (implementation, K) runs in a fresh subprocess, after warm-up (Adam state created, steps run):
+Memory: each (row, K) runs in a fresh subprocess, after warm-up (Adam state created, steps run):
 
 - ``peak tensor MB``: the most bytes held by live tensors during one step: parameters, Adam state and batch,
   plus everything the step allocates. On CUDA ``torch.cuda.max_memory_allocated``; on CPU the same quantity from the
-  PyTorch profiler's allocation records (every tensor allocation and free of the step, in order).
+  PyTorch profiler's allocation records (every tensor allocation and free of the step, in order). The floor's is its
+  weight and batch plus the one ``[tokens, d_sae]`` output.
 - ``step transient MB``: the part of that peak above what is live between steps (parameters, Adam state, batch).
 - ``peak RSS +MB`` (CPU only): growth of the process's peak resident set during the warm-up and measured steps
   over its resident size after setup; includes allocator caching and fragmentation, so it is noisier.
+
+Targets (issue 13), checked for HTopK fused (and HTopK triton on CUDA); "not measured" where the run lacks the K, the
+row or the memory they need:
+
+- step <= 0.8 x sparsify's TopK step at K=64, and <= 1.0 x at K=128;
+- step <= 4 x the floor at K=64;
+- step at K=128 <= 1.3 x step at K=16;
+- peak tensor memory at K=128 <= 1.05 x that at K=16, and <= SAELens TopK's at every K.
 
 Usage::
 
     python benchmarks/bench_step.py            # CPU sizes: d_in 640, d_sae 8192, 2048 tokens, K in 16..128
     python benchmarks/bench_step.py --quick    # small smoke run
+    python benchmarks/bench_step.py --implementations htopk_fused sparsify floor
     python benchmarks/bench_step.py --device cuda   # d_in 2304, d_sae 65536, 4096 tokens, K in 32, 64, 128
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -41,6 +72,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -49,18 +81,32 @@ from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
 from sae_lens_hierarchical import HierarchicalTopKTrainingSAE, HierarchicalTopKTrainingSAEConfig
 
-IMPLEMENTATIONS = ("topk", "htopk_reference", "htopk_fused")
+IMPLEMENTATIONS = ("topk", "sparsify", "htopk_reference", "htopk_fused", "htopk_triton", "floor")
+CUDA_ONLY = ("htopk_triton",)
 LABELS = {
     "topk": "SAELens TopK",
+    "sparsify": "sparsify TopK",
     "htopk_reference": "HTopK reference",
     "htopk_fused": "HTopK fused",
     "htopk_triton": "HTopK triton",
+    "floor": "floor (x @ W_enc)",
 }
+SPARSIFY_AUXK_ALPHA = 1 / 32  # sparsify's suggested auxk_alpha (its TrainConfig default is 0: no AuxK)
+LEARNING_RATE = 3e-4
 
 
 def implementations(device: str) -> tuple[str, ...]:
-    """The rows benchmarked on ``device``: the Triton kernels run on CUDA only."""
-    return (*IMPLEMENTATIONS, "htopk_triton") if device == "cuda" else IMPLEMENTATIONS
+    """All the rows that run on ``device``: the Triton kernels run on CUDA only."""
+    return tuple(name for name in IMPLEMENTATIONS if device == "cuda" or name not in CUDA_ONLY)
+
+
+def import_sparsify(device: str) -> ModuleType:
+    """sparsify, imported on first use; on CPU with its Triton decoder switched off (that one needs a GPU)."""
+    if device == "cpu":
+        os.environ["SPARSIFY_DISABLE_TRITON"] = "1"
+    with contextlib.redirect_stdout(sys.stderr):  # it prints which decoder it picked
+        import sparsify
+    return sparsify
 
 
 @dataclass(frozen=True)
@@ -80,7 +126,7 @@ SIZES = {
 
 
 def build_sae(implementation: str, sizes: Sizes, k: int, device: str) -> TrainingSAE:
-    """A freshly initialised training SAE; every implementation gets the same seed and SAELens TopK defaults."""
+    """A freshly initialised SAELens training SAE; every implementation gets the same seed and SAELens TopK defaults."""
     torch.manual_seed(0)
     common = {"d_in": sizes.d_in, "d_sae": sizes.d_sae, "k": k, "device": device}
     if implementation == "topk":
@@ -91,21 +137,60 @@ def build_sae(implementation: str, sizes: Sizes, k: int, device: str) -> Trainin
     )
 
 
-class TrainStep:
-    """SAELens's ``_train_step`` body on a fixed batch ``[tokens, d_in]``, with Adam as SAELens builds it."""
+class Step:
+    """One training step on a fixed batch ``[tokens, d_in]``, with the dead-latent mask all rows share."""
 
-    def __init__(self, implementation: str, sizes: Sizes, k: int, device: str, dead_fraction: float):
-        self.sae = build_sae(implementation, sizes, k, device)
-        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=3e-4, betas=(0.9, 0.999))
+    optimizer: torch.optim.Optimizer | None = None
+
+    def __init__(self, sizes: Sizes, device: str, dead_fraction: float):
         generator = torch.Generator().manual_seed(1)
         self.batch = torch.randn(sizes.tokens, sizes.d_in, generator=generator).to(device)
         n_dead = round(dead_fraction * sizes.d_sae)
         self.dead = (torch.arange(sizes.d_sae) < n_dead).to(device) if n_dead else None
-        self.since_fired = torch.zeros(sizes.d_sae, device=device)
-        self.act_freq = torch.zeros(sizes.d_sae, device=device)
         self.device = device
 
+    def step(self) -> None:
+        raise NotImplementedError
+
     def __call__(self) -> None:
+        self.step()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """What stays live between steps: batch, dead mask, and parameters and Adam state where there is one."""
+        tensors = [self.batch] if self.dead is None else [self.batch, self.dead]
+        if self.optimizer is not None:
+            tensors += [parameter for group in self.optimizer.param_groups for parameter in group["params"]]
+            tensors += [t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+        return tensors
+
+    def resident_bytes(self) -> int:
+        """Bytes live between steps (gradients are freed by ``zero_grad``)."""
+        return sum(t.numel() * t.element_size() for t in self.state_tensors())
+
+    def create_optimizer_state(self) -> None:
+        """Adam's state, made by one update with zero gradients (a no-op on the parameters)."""
+        if self.optimizer is None:
+            return
+        for group in self.optimizer.param_groups:
+            for parameter in group["params"]:
+                parameter.grad = torch.zeros_like(parameter)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+
+class SAELensStep(Step):
+    """SAELens's ``_train_step`` body, with Adam as SAELens builds it."""
+
+    def __init__(self, implementation: str, sizes: Sizes, k: int, device: str, dead_fraction: float):
+        super().__init__(sizes, device, dead_fraction)
+        self.sae = build_sae(implementation, sizes, k, device)
+        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=LEARNING_RATE, betas=(0.9, 0.999))
+        self.since_fired = torch.zeros(sizes.d_sae, device=device)
+        self.act_freq = torch.zeros(sizes.d_sae, device=device)
+
+    def step(self) -> None:
         output = self.sae.training_forward_pass(
             TrainStepInput(
                 sae_in=self.batch,
@@ -127,23 +212,73 @@ class TrainStep:
         torch.nn.utils.clip_grad_norm_(self.sae.parameters(), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad()
-        if self.device == "cuda":
-            torch.cuda.synchronize()
 
-    def resident_bytes(self) -> int:
-        """Bytes live between steps: parameters, Adam state, batch and statistics (gradients are freed)."""
-        tensors = [*self.sae.parameters(), self.batch, self.since_fired, self.act_freq]
-        tensors += [t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
-        return sum(t.numel() * t.element_size() for t in tensors)
+    def state_tensors(self) -> list[torch.Tensor]:
+        return [*super().state_tensors(), self.since_fired, self.act_freq]
+
+
+class SparsifyStep(Step):
+    """sparsify's ``Trainer`` step for one autoencoding ``SparseCoder`` (loss "fvu", one micro-batch), Adam."""
+
+    def __init__(self, sizes: Sizes, k: int, device: str, dead_fraction: float):
+        super().__init__(sizes, device, dead_fraction)
+        sparsify = import_sparsify(device)
+        torch.manual_seed(0)
+        config = sparsify.SparseCoderConfig(num_latents=sizes.d_sae, k=k)
+        self.sae = sparsify.SparseCoder(sizes.d_in, config, device=device, dtype=torch.float32)
+        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=LEARNING_RATE, betas=(0.9, 0.999))
+        self.since_fired = torch.zeros(sizes.d_sae, device=device, dtype=torch.long)
+        self.did_fire = torch.zeros(sizes.d_sae, device=device, dtype=torch.bool)
+
+    def step(self) -> None:
+        self.sae.set_decoder_norm_to_unit_norm()
+        output = self.sae(self.batch, dead_mask=self.dead)
+        self.did_fire[output.latent_indices.flatten()] = True
+        loss = output.fvu + SPARSIFY_AUXK_ALPHA * output.auxk_loss
+        loss.backward()
+        del output, loss
+        self.sae.remove_gradient_parallel_to_decoder_directions()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        with torch.no_grad():  # its dead-latent bookkeeping: tokens since each latent last fired
+            self.since_fired += self.batch.shape[0]
+            self.since_fired[self.did_fire] = 0
+            self.did_fire.zero_()
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        return [*super().state_tensors(), self.since_fired, self.did_fire]
+
+
+class FloorStep(Step):
+    """One dense encoder matmul ``x @ W_enc`` for the batch, without gradients."""
+
+    def __init__(self, sizes: Sizes, device: str):
+        super().__init__(sizes, device, dead_fraction=0.0)
+        torch.manual_seed(0)
+        self.W_enc = torch.randn(sizes.d_in, sizes.d_sae, device=device) / sizes.d_in**0.5
+
+    def step(self) -> None:
+        with torch.no_grad():
+            torch.mm(self.batch, self.W_enc)
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        return [*super().state_tensors(), self.W_enc]
+
+
+def make_step(implementation: str, sizes: Sizes, k: int, device: str, dead_fraction: float) -> Step:
+    if implementation == "sparsify":
+        return SparsifyStep(sizes, k, device, dead_fraction)
+    if implementation == "floor":
+        return FloorStep(sizes, device)
+    return SAELensStep(implementation, sizes, k, device, dead_fraction)
 
 
 # --- time -------------------------------------------------------------------------------------------
 
 
-def time_steps(sizes: Sizes, k: int, args: argparse.Namespace) -> dict[str, list[float]]:
+def time_steps(names: tuple[str, ...], sizes: Sizes, k: int, args: argparse.Namespace) -> dict[str, list[float]]:
     """Seconds per step for each implementation at budget k, measured round-robin."""
-    names = implementations(args.device)
-    steps = {name: TrainStep(name, sizes, k, args.device, args.dead_fraction) for name in names}
+    steps = {name: make_step(name, sizes, k, args.device, args.dead_fraction) for name in names}
     for _ in range(args.warmup):
         for step in steps.values():
             step()
@@ -175,7 +310,7 @@ def _reset_peak_rss() -> bool:
     return True
 
 
-def _profiled_peak_bytes(step: TrainStep) -> int:
+def _profiled_peak_bytes(step: Step) -> int:
     """Most bytes allocated and not yet freed at any point of one step, from the profiler's allocation records."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
@@ -201,7 +336,7 @@ def _profiled_peak_bytes(step: TrainStep) -> int:
 
 def measure_memory(implementation: str, sizes: Sizes, k: int, args: argparse.Namespace) -> dict[str, Any]:
     """Peak memory of one step of one configuration; meant to run alone in its own process."""
-    step = TrainStep(implementation, sizes, k, args.device, args.dead_fraction)
+    step = make_step(implementation, sizes, k, args.device, args.dead_fraction)
     result: dict[str, Any] = {}
     if args.device == "cuda":
         step()  # warm-up: Adam state, cuBLAS workspaces
@@ -213,12 +348,9 @@ def measure_memory(implementation: str, sizes: Sizes, k: int, args: argparse.Nam
         result["peak_tensor_bytes"] = peak
         result["step_transient_bytes"] = peak - before
         return result
-    # Adam state exists from the first step on; create it with zero gradients (a no-op update) so that the RSS
-    # baseline below already holds it, as the tensor baseline does.
-    for parameter in step.sae.parameters():
-        parameter.grad = torch.zeros_like(parameter)
-    step.optimizer.step()
-    step.optimizer.zero_grad()
+    # Adam state exists from the first step on; create it now so that the RSS baseline below already holds it, as the
+    # tensor baseline does.
+    step.create_optimizer_state()
     resident = step.resident_bytes()
     gc.collect()
     rss_before = _status_kib("VmRSS")
@@ -244,73 +376,132 @@ def memory_in_subprocess(implementation: str, k: int, args: argparse.Namespace) 
 # --- report -----------------------------------------------------------------------------------------
 
 
+def _number(value: float) -> str:
+    """Three significant figures below 100, whole numbers above: small quick-run values stay readable."""
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def _ms(seconds: float) -> str:
+    return _number(seconds * 1e3)
+
+
 def _mb(value: float | None) -> str:
-    return "n/a" if value is None else f"{value / 2**20:,.0f}"
+    return "n/a" if value is None else _number(value / 2**20)
 
 
 def _ratio(value: float | None, base: float | None) -> str:
     return "n/a" if value is None or not base else f"{value / base:.2f}x"
 
 
+Rows = dict[tuple[int, str], dict[str, Any]]
+
+
 def markdown_report(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
+    sparsify = (
+        f"sparsify {header['sparsify']} (auxk_alpha {header['sparsify_auxk_alpha']:.4g}); "
+        if header.get("sparsify")
+        else ""
+    )
     lines = [
         f"Training step on {header['device']} ({header['device_name']}, {header['threads']} threads): "
         f"d_in={header['d_in']}, d_sae={header['d_sae']}, {header['tokens']} tokens, "
         f"median of {header['repeats']} steps after {header['warmup']} warm-up; "
-        f"dead-latent fraction {header['dead_fraction']}; torch {header['torch']}.",
+        f"dead-latent fraction {header['dead_fraction']}; {sparsify}torch {header['torch']}.",
         "",
-        "| K | implementation | step ms | time / TopK | peak tensor MB | memory / TopK | step transient MB "
-        "| peak RSS +MB |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "Ratios: step time, or peak tensor memory, over that of the named row at the same K.",
     ]
-    by_key = {(row["k"], row["implementation"]): row for row in rows}
-    for row in rows:
-        topk = by_key[(row["k"], "topk")]
-        lines.append(
-            f"| {row['k']} | {LABELS[row['implementation']]} | {row['median_s'] * 1e3:,.0f} "
-            f"| {_ratio(row['median_s'], topk['median_s'])} | {_mb(row.get('peak_tensor_bytes'))} "
-            f"| {_ratio(row.get('peak_tensor_bytes'), topk.get('peak_tensor_bytes'))} "
-            f"| {_mb(row.get('step_transient_bytes'))} | {_mb(row.get('peak_rss_increase_bytes'))} |"
-        )
+    by_key: Rows = {(row["k"], row["implementation"]): row for row in rows}
     ks = sorted({row["k"] for row in rows})
-    lines += ["", "Reference -> fused (same K): step time and peak tensor memory divided by the fused ones.", ""]
-    lines += ["| K | time reference / fused | memory reference / fused |", "|---:|---:|---:|"]
     for k in ks:
-        reference, fused = by_key[(k, "htopk_reference")], by_key[(k, "htopk_fused")]
-        lines.append(
-            f"| {k} | {_ratio(reference['median_s'], fused['median_s'])} "
-            f"| {_ratio(reference.get('peak_tensor_bytes'), fused.get('peak_tensor_bytes'))} |"
-        )
+        lines += [
+            "",
+            f"K = {k}:",
+            "",
+            "| implementation | step ms | time / sparsify | time / floor | time / SAELens TopK | peak tensor MB "
+            "| memory / SAELens TopK | step transient MB | peak RSS +MB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        sparsify_row, floor, topk = (by_key.get((k, name), {}) for name in ("sparsify", "floor", "topk"))
+        for row in (row for row in rows if row["k"] == k):
+            lines.append(
+                f"| {LABELS[row['implementation']]} | {_ms(row['median_s'])} "
+                f"| {_ratio(row['median_s'], sparsify_row.get('median_s'))} "
+                f"| {_ratio(row['median_s'], floor.get('median_s'))} "
+                f"| {_ratio(row['median_s'], topk.get('median_s'))} | {_mb(row.get('peak_tensor_bytes'))} "
+                f"| {_ratio(row.get('peak_tensor_bytes'), topk.get('peak_tensor_bytes'))} "
+                f"| {_mb(row.get('step_transient_bytes'))} | {_mb(row.get('peak_rss_increase_bytes'))} |"
+            )
+    if all((k, name) in by_key for k in ks for name in ("htopk_reference", "htopk_fused")):
+        lines += ["", "Reference -> fused (same K): step time and peak tensor memory divided by the fused ones.", ""]
+        lines += ["| K | time reference / fused | memory reference / fused |", "|---:|---:|---:|"]
+        for k in ks:
+            reference, fused = by_key[(k, "htopk_reference")], by_key[(k, "htopk_fused")]
+            lines.append(
+                f"| {k} | {_ratio(reference['median_s'], fused['median_s'])} "
+                f"| {_ratio(reference.get('peak_tensor_bytes'), fused.get('peak_tensor_bytes'))} |"
+            )
     lines += ["", *target_lines(by_key, ks)]
     return "\n".join(lines) + "\n"
 
 
-def target_lines(by_key: dict[tuple[int, str], dict[str, Any]], ks: list[int]) -> list[str]:
-    """The issue's targets, checked on this run for each memory-flat implementation present (fused; triton on CUDA)."""
-    lines = ["Targets:"]
-    k_mid = 64 if 64 in ks else ks[len(ks) // 2]
-    k_low = 32 if 32 in ks[:-1] else ks[0]
-    with_memory = all("peak_tensor_bytes" in row for row in by_key.values())
-    for implementation in ("htopk_fused", "htopk_triton"):
-        if (k_mid, implementation) not in by_key:
+class NotMeasured(Exception):
+    """A target needs a K, a row or a memory figure this run does not have."""
+
+
+def _value(by_key: Rows, ks: list[int], k: int, implementation: str, field: str) -> float:
+    if k not in ks:
+        raise NotMeasured(f"K={k} not run")
+    if (k, implementation) not in by_key:
+        raise NotMeasured(f"{LABELS[implementation]} not run")
+    value = by_key[(k, implementation)].get(field)
+    if value is None:
+        raise NotMeasured("memory not measured")
+    return value
+
+
+def target_lines(by_key: Rows, ks: list[int]) -> list[str]:
+    """Issue 13's targets, for each fast hierarchical implementation present (fused; triton on CUDA)."""
+    present = [name for name in ("htopk_fused", "htopk_triton") if any(run == name for _, run in by_key)]
+    lines = ["Targets (issue 13):"]
+    for implementation in present:
+        lines += _target_checks(by_key, ks, implementation)
+    if not present:
+        lines.append("- not measured: neither HTopK fused nor HTopK triton was run")
+    return lines
+
+
+def _target_checks(by_key: Rows, ks: list[int], implementation: str) -> list[str]:
+    """One line a target: met / NOT met with the measured value, or not measured and why."""
+
+    def time_at(k: int, name: str = implementation) -> float:
+        return _value(by_key, ks, k, name, "median_s")
+
+    def memory_at(k: int, name: str = implementation) -> float:
+        return _value(by_key, ks, k, name, "peak_tensor_bytes")
+
+    def worst_memory_over_topk() -> tuple[float, str]:
+        ratios = {k: memory_at(k) / memory_at(k, "topk") for k in ks}
+        worst = max(ratios, key=ratios.__getitem__)
+        return ratios[worst], f" (worst K={worst})"
+
+    checks = [
+        ("step / sparsify TopK step at K=64", 0.8, lambda: time_at(64) / time_at(64, "sparsify")),
+        ("step / sparsify TopK step at K=128", 1.0, lambda: time_at(128) / time_at(128, "sparsify")),
+        ("step / floor at K=64", 4.0, lambda: time_at(64) / time_at(64, "floor")),
+        ("step at K=128 / step at K=16", 1.3, lambda: time_at(128) / time_at(16)),
+        ("peak tensor memory at K=128 / at K=16", 1.05, lambda: memory_at(128) / memory_at(16)),
+        ("peak tensor memory / SAELens TopK's, every K run", 1.0, worst_memory_over_topk),
+    ]
+    lines = []
+    for what, limit, measure in checks:
+        try:
+            measured = measure()
+        except NotMeasured as missing:
+            lines.append(f"- {LABELS[implementation]}: {what} <= {limit:.2f}: not measured ({missing})")
             continue
-        name = implementation.removeprefix("htopk_")
-        ratio = by_key[(k_mid, implementation)]["median_s"] / by_key[(k_mid, "topk")]["median_s"]
-        lines.append(
-            f"- {name} time / TopK time at K={k_mid}: {ratio:.2f} "
-            f"(target <= 1.00: {'met' if ratio <= 1 else 'NOT met'})"
-        )
-        if not with_memory:
-            continue
-        peak = {k: by_key[(k, implementation)]["peak_tensor_bytes"] for k in ks}
-        worst = max(peak[k] / by_key[(k, "topk")]["peak_tensor_bytes"] for k in ks)
-        verdict = "met" if worst <= 1.05 else "NOT met"
-        lines.append(f"- {name} peak memory / TopK, worst K: {worst:.3f} (target <= 1.05: {verdict})")
-        flat = peak[ks[-1]] / peak[k_low]
-        lines.append(
-            f"- {name} peak memory K={ks[-1]} / K={k_low}: {flat:.3f} "
-            f"(target <= 1.05: {'met' if flat <= 1.05 else 'NOT met'})"
-        )
+        value, note = measured if isinstance(measured, tuple) else (measured, "")
+        verdict = "met" if value <= limit else "NOT met"
+        lines.append(f"- {LABELS[implementation]}: {what} <= {limit:.2f}: {verdict}, measured {value:.2f}{note}")
     return lines
 
 
@@ -328,18 +519,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--ks", type=int, nargs="+", help="override the budgets K")
+    parser.add_argument(
+        "--implementations",
+        nargs="+",
+        choices=IMPLEMENTATIONS,
+        metavar="NAME",
+        help=f"rows to run, of {', '.join(IMPLEMENTATIONS)} (default: all; htopk_triton on cuda only)",
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
-    parser.add_argument("--dead-fraction", type=float, default=0.0, help="latents marked dead, to run AuxK too")
+    parser.add_argument(
+        "--dead-fraction", type=float, default=0.1, help="latents marked dead, so that AuxK runs (default: 0.1)"
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory runs")
     parser.add_argument("--output-dir", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--child", nargs=2, metavar=("IMPLEMENTATION", "K"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.implementations is None:
+        args.implementations = implementations(args.device)
+    else:
+        wrong = [name for name in args.implementations if name in CUDA_ONLY and args.device != "cuda"]
+        if wrong:
+            parser.error(f"{', '.join(wrong)} runs with --device cuda only")
+        args.implementations = tuple(name for name in IMPLEMENTATIONS if name in args.implementations)
     args.forwarded = ["--device", args.device, "--dead-fraction", str(args.dead_fraction)]
     args.forwarded += ["--quick"] if args.quick else []
     args.forwarded += ["--threads", str(args.threads)] if args.threads else []
+    args.forwarded += ["--ks", *map(str, args.ks)] if args.ks else []
     return args
+
+
+def available(names: tuple[str, ...], device: str) -> tuple[str, ...]:
+    """``names`` without sparsify where it cannot be imported (one line on stderr says how to install it)."""
+    if "sparsify" not in names:
+        return names
+    try:
+        import_sparsify(device)
+    except ImportError as error:
+        print(f'skipping {LABELS["sparsify"]} ({error}): pip install -e ".[bench]"', file=sys.stderr)
+        return tuple(name for name in names if name != "sparsify")
+    return names
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -356,19 +576,20 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(measure_memory(implementation, sizes, int(k), args)))
         return
 
+    names = available(args.implementations, args.device)
     rows: list[dict[str, Any]] = []
     for k in sizes.ks:
-        seconds = time_steps(sizes, k, args)
-        for name in implementations(args.device):
+        seconds = time_steps(names, sizes, k, args)
+        for name in names:
             rows.append(
                 {"k": k, "implementation": name, "median_s": statistics.median(seconds[name]), "seconds": seconds[name]}
             )
-            print(f"K={k:4d} {LABELS[name]:16s} {rows[-1]['median_s'] * 1e3:8.0f} ms", file=sys.stderr, flush=True)
+            print(f"K={k:4d} {LABELS[name]:17s} {_ms(rows[-1]['median_s']):>8s} ms", file=sys.stderr, flush=True)
         gc.collect()
     if not args.no_memory:
         for row in rows:
             row.update(memory_in_subprocess(row["implementation"], row["k"], args))
-            print(f"K={row['k']:4d} {LABELS[row['implementation']]:16s} memory done", file=sys.stderr, flush=True)
+            print(f"K={row['k']:4d} {LABELS[row['implementation']]:17s} memory done", file=sys.stderr, flush=True)
 
     header = {
         "device": args.device,
@@ -378,9 +599,13 @@ def main(argv: list[str] | None = None) -> None:
         "warmup": args.warmup,
         "repeats": args.repeats,
         "dead_fraction": args.dead_fraction,
+        "implementations": list(names),
         "torch": torch.__version__,
         "quick": args.quick,
     }
+    if "sparsify" in names:
+        header["sparsify"] = import_sparsify(args.device).__version__
+        header["sparsify_auxk_alpha"] = SPARSIFY_AUXK_ALPHA
     report = markdown_report(rows, header)
     print(report)
     args.output_dir.mkdir(parents=True, exist_ok=True)
