@@ -41,6 +41,7 @@ from sae_lens_hierarchical.losses import (
     validate_level_weights,
     validate_levels,
 )
+from sae_lens_hierarchical.sparse_training import PreActivationsAt, auxk_loss_on_dead_columns
 
 ARCHITECTURE = "hierarchical_topk"
 
@@ -326,7 +327,7 @@ class VariableKMixin(Generic[T_CFG]):
         if (
             self.use_error_term  # type: ignore[attr-defined]
             or _has_hooks(self.hook_sae_acts_post)  # type: ignore[attr-defined]
-            or self._overrides_encode_or_decode()
+            or self._overrides_methods()
             or torch.is_autocast_enabled(x.device.type)  # SAELens's decode rounds to the autocast dtype
         ):
             with self.use_k(k):
@@ -351,12 +352,15 @@ class VariableKMixin(Generic[T_CFG]):
 
         return save_as_topk(self, path, k)  # type: ignore[arg-type]
 
-    def _overrides_encode_or_decode(self) -> bool:
-        """Whether ``encode``/``decode`` (or the training SAE's ``encode_with_hidden_pre``) were replaced by a
-        subclass or on the instance: the sparse paths would otherwise bypass the replacement."""
+    # Methods the sparse paths do not call: replacing one (in a subclass or on the instance) selects SAELens's path.
+    _SPARSE_BYPASSED_METHODS: tuple[str, ...] = ("encode", "decode", "encode_with_hidden_pre")
+
+    def _overrides_methods(self) -> bool:
+        """Whether a method in ``_SPARSE_BYPASSED_METHODS`` was replaced by a subclass or on the instance: the sparse
+        paths would otherwise bypass the replacement."""
         cls = type(self)
         package_class = next(c for c in cls.__mro__ if c.__module__ == __name__ and c is not VariableKMixin)
-        names = ("encode", "decode", "encode_with_hidden_pre")
+        names = self._SPARSE_BYPASSED_METHODS
         replaced = any(getattr(cls, name, None) is not getattr(package_class, name, None) for name in names)
         return replaced or any(name in self.__dict__ for name in names)
 
@@ -514,15 +518,22 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
 class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConfig], TopKTrainingSAE):
     """Training HierarchicalTopK SAE: TopK encoder, AuxK dead-latent loss, hierarchical prefix loss.
 
-    ``training_forward_pass`` never builds the dense ``[tokens, d_sae]`` activations with gradients: the
-    loss decodes from the K selected decoder rows, and the dense activations SAELens's trainer needs for its
-    firing statistics are built without gradients. When a hook watches ``hook_sae_acts_post`` or
-    ``hook_sae_recons``, or a subclass overrides ``decode``, it runs SAELens's dense path instead (see
+    ``training_forward_pass`` does one dense ``[tokens, d_sae]`` product, the encoder's, and nothing else that size
+    with gradients: the encoder's backward touches the K selected latents of each token, the loss decodes from their K
+    decoder rows, AuxK works on the dead latents' columns, and the dense activations SAELens's trainer needs for its
+    firing statistics are built without gradients. When a hook watches the SAE's input, pre- or post-activations or
+    reconstruction, or a subclass replaces a method that path bypasses, it runs SAELens's dense path instead (see
     :meth:`training_forward_pass`), so instrumentation sees and edits what it would see on SAELens's TopK.
     """
 
     cfg: HierarchicalTopKTrainingSAEConfig  # type: ignore[assignment]
     activation_fn: NestedTopK
+    _SPARSE_BYPASSED_METHODS = (
+        *VariableKMixin._SPARSE_BYPASSED_METHODS,
+        "process_sae_in",
+        "calculate_aux_loss",
+        "calculate_topk_aux_loss",
+    )
 
     def __init__(self, cfg: HierarchicalTopKTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
@@ -555,8 +566,10 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         """One step's losses, exactly SAELens's TopK step when ``hierarchy_levels == [K]``.
 
-        Fast path: the fused hierarchical loss on the K gathered decoder rows. Instrumented path (a hook on
-        ``hook_sae_acts_post``/``hook_sae_recons``, or ``decode`` overridden): the dense activations go through
+        Sparse path (:meth:`_sparse_step`): one dense encoder product without autograd, then only the K selected
+        entries per token and the dead latents' columns carry gradients. Instrumented path (a hook on
+        ``hook_sae_input``/``hook_sae_acts_pre``/``hook_sae_acts_post``/``hook_sae_recons``, a method the sparse path
+        bypasses replaced, or an input that requires grad): the dense activations go through
         ``hook_sae_acts_post`` and every level is decoded by ``self.decode`` from the activations of ranks <= level
         (``hook_sae_recons`` fires once per level, K last), with SAELens's ``mse_loss_fn``. Both give the same loss.
         """
@@ -571,18 +584,16 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
             with torch.no_grad():
                 self.b_dec.copy_(sae_in.reshape(-1, sae_in.shape[-1]).mean(dim=0))
             self.b_dec_pending_mean_init = False
-        instrumented = _has_hooks(self.hook_sae_acts_post) or _has_hooks(self.hook_sae_recons)
-        if instrumented or self._overrides_encode_or_decode():
+        if self._needs_dense_step(sae_in):
             mse_loss, level_mse, sae_out, feature_acts, hidden_pre = self._hierarchical_loss_through_decode(sae_in)
+            aux_losses = self.calculate_aux_loss(
+                step_input=step_input, feature_acts=feature_acts, hidden_pre=hidden_pre, sae_out=sae_out
+            )
         else:
-            hidden_pre = self._scaled_hidden_pre(self.process_sae_in(sae_in))
-            top_acts, top_indices = self.activation_fn.top_k(hidden_pre)
-            mse_loss, level_mse, sae_out = self._hierarchical_loss_fused(sae_in, top_acts, top_indices)
-            with torch.no_grad():
-                feature_acts = torch.zeros_like(hidden_pre).scatter_(-1, top_indices, top_acts)
-        aux_losses = self.calculate_aux_loss(
-            step_input=step_input, feature_acts=feature_acts, hidden_pre=hidden_pre, sae_out=sae_out
-        )
+            mse_loss, level_mse, sae_out, feature_acts, hidden_pre, aux_loss = self._sparse_step(
+                sae_in, step_input.dead_neuron_mask
+            )
+            aux_losses = {"auxiliary_reconstruction_loss": aux_loss}
         losses = {"mse_loss": mse_loss, **aux_losses}
         loss = sum(losses.values(), torch.zeros((), device=sae_in.device))
         if not bool(torch.isfinite(loss)):  # raising before backward keeps the last finite weights
@@ -604,6 +615,50 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
             losses=losses,
             metrics=metrics,
         )
+
+    def _needs_dense_step(self, sae_in: torch.Tensor) -> bool:
+        """Whether SAELens's dense step must run: a hook watches the SAE's activations, a subclass replaced a method the
+        sparse step bypasses, or the input itself wants a gradient (attribution through the training SAE)."""
+        watched = (self.hook_sae_input, self.hook_sae_acts_pre, self.hook_sae_acts_post, self.hook_sae_recons)
+        return any(_has_hooks(hook) for hook in watched) or self._overrides_methods() or sae_in.requires_grad
+
+    def _sparse_step(
+        self, sae_in: torch.Tensor, dead_neuron_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(loss, level MSEs, sae_out, feature_acts, hidden_pre, AuxK loss)`` with one dense matmul.
+
+        The encoder runs without autograd; :class:`PreActivationsAt` hands the losses the K selected entries of each
+        token and the dead latents' columns, each with a backward over those entries only. ``feature_acts`` and
+        ``hidden_pre`` are returned without gradients, for SAELens's firing statistics and logging.
+        """
+        decoder_norms = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
+        with torch.no_grad():
+            centered = self.process_sae_in(sae_in)
+            raw_hidden_pre = self.hook_sae_acts_pre(centered @ self.W_enc + self.b_enc)
+            hidden_pre = raw_hidden_pre if decoder_norms is None else raw_hidden_pre * decoder_norms
+            top_indices = self.activation_fn.top_k(hidden_pre)[1]
+        dead_columns = _dead_columns(dead_neuron_mask, hidden_pre.device)
+        pre_at_top, pre_at_dead = PreActivationsAt.apply(
+            centered,
+            self.W_enc,
+            self.b_enc,
+            self.b_dec if self.cfg.apply_b_dec_to_input else None,
+            raw_hidden_pre,
+            top_indices,
+            dead_columns,
+        )
+        if decoder_norms is not None:
+            pre_at_top = pre_at_top * decoder_norms[top_indices]
+            pre_at_dead = pre_at_dead * decoder_norms[dead_columns]
+        top_acts = pre_at_top.relu()
+        mse_loss, level_mse, sae_out = self._hierarchical_loss_fused(sae_in, top_acts, top_indices)
+        with torch.no_grad():
+            feature_acts = torch.zeros_like(hidden_pre).scatter_(-1, top_indices, top_acts)
+        if not len(dead_columns):
+            return mse_loss, level_mse, sae_out, feature_acts, hidden_pre, sae_out.new_tensor(0.0)
+        residual = (sae_in - sae_out).detach()
+        aux_loss, scale = auxk_loss_on_dead_columns(pre_at_dead, dead_columns, self.W_dec, residual, decoder_norms)
+        return mse_loss, level_mse, sae_out, feature_acts, hidden_pre, self.cfg.aux_loss_coefficient * scale * aux_loss
 
     def _hierarchical_loss_fused(
         self, sae_in: torch.Tensor, top_acts: torch.Tensor, top_indices: torch.Tensor
@@ -650,6 +705,13 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
         level_mse = torch.stack(level_mses)
         weights = torch.tensor(self.level_weights, dtype=level_mse.dtype, device=level_mse.device)
         return (level_mse * weights).sum(), level_mse.detach(), sae_out, feature_acts, hidden_pre
+
+
+def _dead_columns(dead_neuron_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """Indices of the dead latents (empty when there is no mask); one host sync, as SAELens's own count."""
+    if dead_neuron_mask is None:
+        return torch.empty(0, dtype=torch.long, device=device)
+    return dead_neuron_mask.nonzero().reshape(-1).to(device)
 
 
 def _weights_loaded(module: nn.Module, incompatible_keys: Any) -> None:
