@@ -634,7 +634,7 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
         decoder_norms = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
         with torch.no_grad():
             centered = self.process_sae_in(sae_in)
-            raw_hidden_pre = self.hook_sae_acts_pre(centered @ self.W_enc + self.b_enc)
+            raw_hidden_pre = self.hook_sae_acts_pre(_encoder_product(centered, self.W_enc, self.b_enc))
             hidden_pre = raw_hidden_pre if decoder_norms is None else raw_hidden_pre * decoder_norms
             top_indices = self.activation_fn.top_k(hidden_pre)[1]
         dead_columns = _dead_columns(dead_neuron_mask, hidden_pre.device)
@@ -705,6 +705,15 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
         level_mse = torch.stack(level_mses)
         weights = torch.tensor(self.level_weights, dtype=level_mse.dtype, device=level_mse.device)
         return (level_mse * weights).sum(), level_mse.detach(), sae_out, feature_acts, hidden_pre
+
+
+def _encoder_product(centered: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) -> torch.Tensor:
+    """``centered @ W_enc + b_enc``, with the bias riding on the product (``addmm``) instead of a second pass over
+    ``[tokens, d_sae]``; under autocast as SAELens computes it, since ``addmm`` would round the bias to half too."""
+    if torch.is_autocast_enabled(centered.device.type):
+        return centered @ W_enc + b_enc
+    flat = torch.addmm(b_enc, centered.reshape(-1, centered.shape[-1]), W_enc)
+    return flat.reshape(*centered.shape[:-1], -1)
 
 
 def _dead_columns(dead_neuron_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
