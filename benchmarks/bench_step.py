@@ -3,8 +3,8 @@
 Rows (``--implementations``, default all of them):
 
 - ``topk``, SAELens TopK: the body of SAELens's ``SAETrainer._train_step``: ``training_forward_pass`` (with AuxK),
-  the firing statistics computed from the dense ``feature_acts``, ``backward``, gradient clipping to norm 1.0,
-  ``Adam.step`` and ``zero_grad``.
+  the firing statistics computed from ``feature_acts`` (dense; sparse COO from HTopK's sparse step, which the
+  trainer reads the same way), ``backward``, gradient clipping to norm 1.0, ``Adam.step`` and ``zero_grad``.
 - ``sparsify``, sparsify's TopK (``eai-sparsify``, the ``[bench]`` extra; skipped with a note where it is not
   installed): the step of its ``Trainer``: ``set_decoder_norm_to_unit_norm``, the ``SparseCoder`` forward with the
   dead mask, loss ``fvu + auxk_alpha * auxk_loss`` with ``auxk_alpha = 1/32`` (its suggested value), ``backward``,
@@ -200,9 +200,11 @@ class SAELensStep(Step):
                 is_logging_step=False,
             )
         )
-        with torch.no_grad():  # SAELens's firing statistics, from the dense feature_acts
+        with torch.no_grad():  # SAELens's firing statistics (SAETrainer._train_step), dense or sparse feature_acts
             firing = output.feature_acts.bool().float()
             did_fire = firing.sum(-2).bool()
+            if did_fire.is_sparse:
+                did_fire = did_fire.to_dense()
             self.since_fired += 1
             self.since_fired[did_fire] = 0
             self.act_freq += firing.sum(0)

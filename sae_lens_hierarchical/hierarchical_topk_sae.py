@@ -41,7 +41,7 @@ from sae_lens_hierarchical.losses import (
     validate_level_weights,
     validate_levels,
 )
-from sae_lens_hierarchical.sparse_training import PreActivationsAt, auxk_loss_on_dead_columns
+from sae_lens_hierarchical.sparse_training import PreActivationsAt, auxk_loss_on_dead_columns, sparse_activations
 
 ARCHITECTURE = "hierarchical_topk"
 
@@ -629,7 +629,9 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
 
         The encoder runs without autograd; :class:`PreActivationsAt` hands the losses the K selected entries of each
         token and the dead latents' columns, each with a backward over those entries only. ``feature_acts`` and
-        ``hidden_pre`` are returned without gradients, for SAELens's firing statistics and logging.
+        ``hidden_pre`` are returned without gradients, for SAELens's firing statistics and logging; ``feature_acts`` is
+        a sparse COO tensor, which SAELens's trainer reads as it reads a dense one (its TopK returns one too, with
+        ``use_sparse_activations``), so no step fills and scans a dense ``[tokens, d_sae]`` tensor for statistics.
         """
         decoder_norms = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
         with torch.no_grad():
@@ -652,8 +654,7 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
             pre_at_dead = pre_at_dead * decoder_norms[dead_columns]
         top_acts = pre_at_top.relu()
         mse_loss, level_mse, sae_out = self._hierarchical_loss_fused(sae_in, top_acts, top_indices)
-        with torch.no_grad():
-            feature_acts = torch.zeros_like(hidden_pre).scatter_(-1, top_indices, top_acts)
+        feature_acts = sparse_activations(top_acts.detach(), top_indices, hidden_pre.shape[-1])
         if not len(dead_columns):
             return mse_loss, level_mse, sae_out, feature_acts, hidden_pre, sae_out.new_tensor(0.0)
         residual = (sae_in - sae_out).detach()

@@ -100,10 +100,12 @@ def _pre_activation_gradients(
     grad_at_indices: torch.Tensor,
     grad_at_columns: torch.Tensor,
 ) -> tuple[torch.Tensor | None, ...]:
-    """:meth:`PreActivationsAt.backward`'s outputs, in the weights' dtypes."""
-    d_sae = W_enc.shape[1]
+    """:meth:`PreActivationsAt.backward`'s outputs, in the weights' dtypes; any leading shape is flattened to tokens."""
+    d_in, d_sae = W_enc.shape
     dtype = torch.promote_types(W_enc.dtype, torch.float32)
-    grad_at_indices, grad_at_columns = grad_at_indices.to(dtype), grad_at_columns.to(dtype)
+    centered, token_indices = centered.reshape(-1, d_in), token_indices.reshape(-1, token_indices.shape[-1])
+    grad_at_indices = grad_at_indices.to(dtype).reshape(token_indices.shape)
+    grad_at_columns = grad_at_columns.to(dtype).reshape(len(token_indices), len(columns))
     column_sums = torch.zeros(d_sae, dtype=dtype, device=W_enc.device)
     column_sums.index_add_(0, token_indices.reshape(-1), grad_at_indices.reshape(-1))
     grad_W_enc = None
@@ -149,3 +151,18 @@ def auxk_loss_on_dead_columns(
         acts = acts * (1 / decoder_norms[dead_columns])
     recons = acts @ W_dec.index_select(0, dead_columns)
     return (recons - residual).pow(2).sum(dim=-1).mean(), min(n_dead / half_width, 1.0)
+
+
+def sparse_activations(top_acts: torch.Tensor, top_indices: torch.Tensor, d_sae: int) -> torch.Tensor:
+    """The dense ``[..., d_sae]`` activations with ``top_acts`` at ``top_indices``, as a coalesced sparse COO tensor.
+
+    ``N * K`` entries instead of ``N * d_sae``; each token's latents are sorted so that the entries are in coalesced
+    order already (SAELens's firing statistics sum them without sorting again).
+    """
+    leading = top_indices.shape[:-1]
+    columns, order = top_indices.sort(dim=-1)
+    values = top_acts.gather(-1, order).reshape(-1)
+    tokens = torch.arange(columns[..., 0].numel(), device=columns.device).repeat_interleave(columns.shape[-1])
+    positions = torch.unravel_index(tokens, leading) if len(leading) else ()
+    indices = torch.stack([*positions, columns.reshape(-1)])
+    return torch.sparse_coo_tensor(indices, values, (*leading, d_sae), is_coalesced=True, check_invariants=False)

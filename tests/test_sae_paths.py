@@ -72,7 +72,7 @@ def assert_same_step(ours: dict, theirs: dict, rtol: float = 1e-5, atol: float =
     for name in theirs["losses"]:
         torch.testing.assert_close(ours["losses"][name], theirs["losses"][name], rtol=rtol, atol=atol, msg=name)
     torch.testing.assert_close(ours["sae_out"], theirs["sae_out"], rtol=rtol, atol=atol)
-    torch.testing.assert_close(ours["feature_acts"], theirs["feature_acts"].to_dense(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(ours["feature_acts"].to_dense(), theirs["feature_acts"].to_dense(), rtol=rtol, atol=atol)
     for name, grad in theirs["grads"].items():
         torch.testing.assert_close(ours["grads"][name], grad, rtol=rtol, atol=atol, msg=name)
 

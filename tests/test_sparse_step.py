@@ -11,8 +11,10 @@ from typing import Any
 
 import pytest
 import torch
+from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import TrainStepInput
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+from sae_lens.training.sae_trainer import SAETrainer
 
 from sae_lens_hierarchical import HierarchicalTopKTrainingSAE, HierarchicalTopKTrainingSAEConfig
 from sae_lens_hierarchical.sparse_training import PreActivationsAt, scatter_outer_products
@@ -42,11 +44,14 @@ def test_scatter_outer_products_equals_a_loop(n_tokens: int, n_kept: int, n_out:
 
 @pytest.mark.parametrize("with_b_dec", [True, False])
 @pytest.mark.parametrize("n_columns", [0, 5])
-def test_pre_activations_at_has_the_gradient_of_the_dense_product(with_b_dec: bool, n_columns: int) -> None:
+@pytest.mark.parametrize("leading", [(9,), (3, 3)], ids=["tokens", "batch-by-position"])
+def test_pre_activations_at_has_the_gradient_of_the_dense_product(
+    with_b_dec: bool, n_columns: int, leading: tuple[int, ...]
+) -> None:
     """gradcheck differentiates the dense ``(x - b_dec) @ W_enc + b_enc`` numerically; the backward is sparse."""
     generator = torch.Generator().manual_seed(n_columns)
-    x = torch.randn(9, 5, dtype=torch.float64, generator=generator)
-    indices = torch.stack([torch.randperm(12, generator=generator)[:4] for _ in range(9)])
+    x = torch.randn(*leading, 5, dtype=torch.float64, generator=generator)
+    indices = torch.stack([torch.randperm(12, generator=generator)[:4] for _ in range(9)]).reshape(*leading, 4)
     columns = torch.randperm(12, generator=generator)[:n_columns]
 
     def entries(W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -194,3 +199,26 @@ def test_an_input_that_requires_grad_gets_saelens_gradient() -> None:
         output.loss.backward()
         grads.append(sae_in.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+
+
+def test_saelens_trainer_steps_identically_with_the_sparse_feature_acts() -> None:
+    """SAELens's own ``SAETrainer.step``, its firing statistics (from our sparse COO ``feature_acts``), its dead-latent
+    window (so AuxK starts), clipping, Adam and its log dict: everything equals the same trainer driving its TopK."""
+    ours, theirs = topk_pair()
+    batches = torch.randn(6, TOKENS, D_IN, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) * 2
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=6 * TOKENS, train_batch_size_samples=TOKENS, lr=1e-2, lr_end=1e-2, dead_feature_window=2
+    )
+    trainers = [SAETrainer(trainer_cfg, sae, data_provider=iter(())) for sae in (ours, theirs)]
+    for batch in batches:
+        outputs = [trainer.step(batch) for trainer in trainers]
+        assert outputs[0].feature_acts.is_sparse and not outputs[1].feature_acts.is_sparse
+        pairs = zip(trainers, outputs, strict=True)
+        logs = [trainer.build_train_step_log_dict(output, TOKENS) for trainer, output in pairs]
+        for name, value in logs[1].items():
+            assert logs[0][name] == pytest.approx(value, rel=1e-9, abs=1e-12), name
+    assert trainers[1].dead_neurons.any()  # AuxK ran on the later steps
+    for statistic in ("n_forward_passes_since_fired", "act_freq_scores"):
+        torch.testing.assert_close(getattr(trainers[0], statistic), getattr(trainers[1], statistic))
+    for name, parameter in theirs.named_parameters():
+        torch.testing.assert_close(dict(ours.named_parameters())[name], parameter, rtol=1e-9, atol=1e-12, msg=name)
