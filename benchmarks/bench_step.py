@@ -200,7 +200,7 @@ class SAELensStep(Step):
                 is_logging_step=False,
             )
         )
-        with torch.no_grad():  # SAELens's firing statistics (SAETrainer._train_step), dense or sparse feature_acts
+        with torch.no_grad():  # SAELens's _train_step statistics, from dense or sparse COO feature_acts
             firing = output.feature_acts.bool().float()
             did_fire = firing.sum(-2).bool()
             if did_fire.is_sparse:
@@ -395,6 +395,89 @@ def _ratio(value: float | None, base: float | None) -> str:
     return "n/a" if value is None or not base else f"{value / base:.2f}x"
 
 
+# --- breakdown: where the time of one HTopK step goes -----------------------------------------------
+
+
+def step_parts(sizes: Sizes, k: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The HTopK fused step's parts, each timed alone on the step's own tensors (closures, round-robin, median).
+
+    Profiler attributions inflate the fused loss's many small kernels, so each part is run by itself instead; the
+    parts add up to about the whole step (the remainder is Python and glue).
+    """
+    from sae_lens_hierarchical.losses import hierarchical_mse_fused
+    from sae_lens_hierarchical.sparse_training import PreActivationsAt, auxk_loss_on_dead_columns, sparse_activations
+
+    whole = make_step("htopk_fused", sizes, k, args.device, args.dead_fraction)
+    sae, x = whole.sae, whole.batch
+    dead_columns = whole.dead.nonzero().reshape(-1) if whole.dead is not None else torch.empty(0, dtype=torch.long)
+    with torch.no_grad():
+        norms = sae.W_dec.norm(dim=-1)
+        centered = x - sae.b_dec
+        raw = torch.addmm(sae.b_enc, centered, sae.W_enc)
+        top_acts, top_indices = (raw * norms).topk(k, dim=-1)
+        coefficients = (top_acts.relu() / norms[top_indices]).requires_grad_()
+        residual = torch.randn_like(x)
+
+    def sparse_encoder_backward() -> None:
+        at_top, at_dead = PreActivationsAt.apply(
+            centered, sae.W_enc, sae.b_enc, sae.b_dec, raw, top_indices, dead_columns
+        )
+        torch.autograd.backward([at_top, at_dead], [torch.ones_like(at_top), torch.ones_like(at_dead)])
+
+    def auxk() -> None:
+        pre_at_dead = raw.index_select(-1, dead_columns).requires_grad_()
+        loss, _ = auxk_loss_on_dead_columns(pre_at_dead, dead_columns, sae.W_dec, residual, norms.detach())
+        loss.backward()
+
+    def hierarchical_loss() -> None:
+        levels = sae.levels
+        result = hierarchical_mse_fused(x, coefficients, top_indices, sae.W_dec, sae.b_dec, levels, sae.level_weights)
+        result.loss.backward()
+
+    def optimizer() -> None:
+        for parameter in sae.parameters():
+            parameter.grad = torch.ones_like(parameter)
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        whole.optimizer.step()
+        whole.optimizer.zero_grad()
+
+    parts = {
+        "encoder product (the floor)": lambda: torch.addmm(sae.b_enc, centered, sae.W_enc),
+        "decoder-norm scaling and top-K": lambda: (raw * norms).topk(k, dim=-1),
+        "hierarchical loss, forward + backward": hierarchical_loss,
+        "sparse encoder backward": sparse_encoder_backward,
+        "AuxK on the dead columns, forward + backward": auxk,
+        "feature_acts (COO) and firing statistics": lambda: (
+            sparse_activations(top_acts, top_indices, sizes.d_sae).bool().float().sum(-2)
+        ),
+        "gradient clipping, Adam, zero_grad": optimizer,
+        "whole step": whole,
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in parts}
+    for repeat in range(args.warmup + args.repeats):
+        for name, part in parts.items():
+            start = time.perf_counter()
+            part()
+            if repeat >= args.warmup:
+                seconds[name].append(time.perf_counter() - start)
+        sae.zero_grad()
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def breakdown_report(k: int, parts: dict[str, float], header: dict[str, Any]) -> str:
+    whole = parts["whole step"]
+    lines = [
+        f"Where an HTopK fused step's time goes at K={k} ({header['device']}, {header['threads']} threads, d_in "
+        f"{header['d_in']}, d_sae {header['d_sae']}, {header['tokens']} tokens, dead fraction {header['dead_fraction']}"
+        f"): each part timed alone, median of {header['repeats']}.",
+        "",
+        "| part | ms | share of the step |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| {name} | {_ms(seconds)} | {seconds / whole:.0%} |" for name, seconds in parts.items()]
+    return "\n".join(lines) + "\n"
+
+
 Rows = dict[tuple[int, str], dict[str, Any]]
 
 
@@ -536,6 +619,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory runs")
     parser.add_argument("--output-dir", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument(
+        "--breakdown", type=int, metavar="K", help="only time the parts of one HTopK fused step at this K, each alone"
+    )
     parser.add_argument("--child", nargs=2, metavar=("IMPLEMENTATION", "K"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.implementations is None:
@@ -564,6 +650,26 @@ def available(names: tuple[str, ...], device: str) -> tuple[str, ...]:
     return names
 
 
+def run_header(args: argparse.Namespace, sizes: Sizes, names: tuple[str, ...]) -> dict[str, Any]:
+    """What a report states about its run: device, threads, sizes, repeats, dead fraction, versions."""
+    header = {
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name(),
+        "threads": torch.get_num_threads(),
+        **asdict(sizes),
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "dead_fraction": args.dead_fraction,
+        "implementations": list(names),
+        "torch": torch.__version__,
+        "quick": args.quick,
+    }
+    if "sparsify" in names:
+        header["sparsify"] = import_sparsify(args.device).__version__
+        header["sparsify_auxk_alpha"] = SPARSIFY_AUXK_ALPHA
+    return header
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
@@ -576,6 +682,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         implementation, k = args.child
         print(json.dumps(measure_memory(implementation, sizes, int(k), args)))
+        return
+
+    if args.breakdown:
+        parts = step_parts(sizes, args.breakdown, args)
+        report = breakdown_report(args.breakdown, parts, run_header(args, sizes, ("htopk_fused",)))
+        print(report)
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        path = args.output_dir / f"bench_step_breakdown_{args.device}{'_quick' if args.quick else ''}_k{args.breakdown}"
+        path.with_suffix(".md").write_text(report)
+        path.with_suffix(".json").write_text(json.dumps({"k": args.breakdown, "seconds": parts}, indent=2) + "\n")
+        print(f"wrote {path}.md and .json", file=sys.stderr)
         return
 
     names = available(args.implementations, args.device)
@@ -593,21 +710,7 @@ def main(argv: list[str] | None = None) -> None:
             row.update(memory_in_subprocess(row["implementation"], row["k"], args))
             print(f"K={row['k']:4d} {LABELS[row['implementation']]:17s} memory done", file=sys.stderr, flush=True)
 
-    header = {
-        "device": args.device,
-        "device_name": torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name(),
-        "threads": torch.get_num_threads(),
-        **asdict(sizes),
-        "warmup": args.warmup,
-        "repeats": args.repeats,
-        "dead_fraction": args.dead_fraction,
-        "implementations": list(names),
-        "torch": torch.__version__,
-        "quick": args.quick,
-    }
-    if "sparsify" in names:
-        header["sparsify"] = import_sparsify(args.device).__version__
-        header["sparsify_auxk_alpha"] = SPARSIFY_AUXK_ALPHA
+    header = run_header(args, sizes, names)
     report = markdown_report(rows, header)
     print(report)
     args.output_dir.mkdir(parents=True, exist_ok=True)
