@@ -437,7 +437,8 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
             ``"fused"``. ``"fused"`` walks the ranks in chunks inside a custom autograd function in torch, so memory
             stays flat in K; ``"triton"`` runs the same algorithm as one Triton kernel per pass (CUDA only, needs
             the ``gpu`` extra); ``"reference"`` is plain autograd over every prefix reconstruction
-            (``[tokens, K, d_in]`` tensors), kept as the readable definition and for cross-checking.
+            (``[tokens, K, d_in]`` tensors), kept as the readable definition and for cross-checking. ``"auto"`` and
+            ``"triton"`` also let the sparse encoder backward use its Triton kernel on CUDA.
         use_sparse_activations (bool): must stay False; the hierarchical loss always decodes sparsely from
             the K selected decoder rows.
         b_dec_init (str): ``"zeros"`` (default, as SAELens) or ``"mean"``: set ``b_dec`` to the mean of the
@@ -528,11 +529,14 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
 
     cfg: HierarchicalTopKTrainingSAEConfig  # type: ignore[assignment]
     activation_fn: NestedTopK
+    # ``training_forward_pass`` too: a subclass that extends it (SAELens's way to add a loss on ``hidden_pre``) gets
+    # SAELens's outputs, whose ``hidden_pre`` carries gradients; the sparse step's does not.
     _SPARSE_BYPASSED_METHODS = (
         *VariableKMixin._SPARSE_BYPASSED_METHODS,
         "process_sae_in",
         "calculate_aux_loss",
         "calculate_topk_aux_loss",
+        "training_forward_pass",
     )
 
     def __init__(self, cfg: HierarchicalTopKTrainingSAEConfig, use_error_term: bool = False):
@@ -639,7 +643,7 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
             raw_hidden_pre = self.hook_sae_acts_pre(_encoder_product(centered, self.W_enc, self.b_enc))
             hidden_pre = raw_hidden_pre if decoder_norms is None else raw_hidden_pre * decoder_norms
             top_indices = self.activation_fn.top_k(hidden_pre)[1]
-        dead_columns = _dead_columns(dead_neuron_mask, hidden_pre.device)
+        dead_columns = _dead_columns(dead_neuron_mask, self.cfg.d_sae, hidden_pre.device)
         pre_at_top, pre_at_dead = PreActivationsAt.apply(
             centered,
             self.W_enc,
@@ -648,7 +652,9 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
             raw_hidden_pre,
             top_indices,
             dead_columns,
+            self.cfg.loss_implementation in ("auto", "triton"),
         )
+        del raw_hidden_pre  # only hidden_pre (scaled) is returned; the gathered entries are all the losses need
         if decoder_norms is not None:
             pre_at_top = pre_at_top * decoder_norms[top_indices]
             pre_at_dead = pre_at_dead * decoder_norms[dead_columns]
@@ -717,10 +723,15 @@ def _encoder_product(centered: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.T
     return flat.reshape(*centered.shape[:-1], -1)
 
 
-def _dead_columns(dead_neuron_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+def _dead_columns(dead_neuron_mask: torch.Tensor | None, d_sae: int, device: torch.device) -> torch.Tensor:
     """Indices of the dead latents (empty when there is no mask); one host sync, as SAELens's own count."""
     if dead_neuron_mask is None:
         return torch.empty(0, dtype=torch.long, device=device)
+    if dead_neuron_mask.dtype != torch.bool or tuple(dead_neuron_mask.shape) != (d_sae,):
+        raise ValueError(
+            f"dead_neuron_mask must be a bool tensor of shape ({d_sae},) (one flag per latent); got "
+            f"{dead_neuron_mask.dtype} of shape {tuple(dead_neuron_mask.shape)}"
+        )
     return dead_neuron_mask.nonzero().reshape(-1).to(device)
 
 

@@ -21,7 +21,7 @@ from sae_lens_hierarchical.losses import triton_available
 
 
 def scatter_outer_products(
-    indices: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, n_out: int
+    indices: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, n_out: int, allow_triton: bool = True
 ) -> torch.Tensor:
     """``out[j] = sum of weights[t, i] * rows[t] over (t, i) with indices[t, i] == j``, ``[n_out, d]`` in float32+.
 
@@ -29,10 +29,12 @@ def scatter_outer_products(
     dense matrix: ``N * m * d`` multiply-adds instead of ``N * n_out * d``. On CUDA with triton installed it runs
     :func:`sae_lens_hierarchical.triton_sparse.scatter_outer_products_triton` (atomic adds); elsewhere a CSR matrix
     (entries sorted by output row) times ``rows``, which on CPU was 5x faster than ``index_add`` of the ``[N * m, d]``
-    outer products and never holds them.
+    outer products and never holds them. ``allow_triton=False``, or ``torch.use_deterministic_algorithms(True)`` (the
+    atomic adds' order varies), keeps CUDA tensors on the CSR product.
     """
     dtype = torch.promote_types(torch.promote_types(weights.dtype, rows.dtype), torch.float32)
-    if rows.is_cuda and dtype == torch.float32 and triton_available():
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    if allow_triton and rows.is_cuda and dtype == torch.float32 and not deterministic and triton_available():
         from sae_lens_hierarchical.triton_sparse import scatter_outer_products_triton
 
         return scatter_outer_products_triton(indices.contiguous(), weights, rows.contiguous(), n_out)
@@ -55,7 +57,7 @@ class PreActivationsAt(torch.autograd.Function):
     """Entries of ``hidden_pre = centered @ W_enc + b_enc``, read from that product already computed without autograd,
     with a backward over those entries only.
 
-    ``forward(centered, W_enc, b_enc, b_dec, hidden_pre, token_indices, columns)`` returns
+    ``forward(centered, W_enc, b_enc, b_dec, hidden_pre, token_indices, columns, allow_triton)`` returns
     ``(hidden_pre.gather(-1, token_indices) [N, m], hidden_pre[:, columns] [N, n_cols])``, the same values bit for
     bit. ``centered`` is the encoder's input ``x - b_dec`` without autograd history; ``b_dec`` (or None when
     ``apply_b_dec_to_input`` is off) receives the gradient that history would have given it,
@@ -73,8 +75,10 @@ class PreActivationsAt(torch.autograd.Function):
         hidden_pre: torch.Tensor,
         token_indices: torch.Tensor,
         columns: torch.Tensor,
+        allow_triton: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.save_for_backward(centered, W_enc, token_indices, columns)
+        ctx.allow_triton = allow_triton
         return hidden_pre.gather(-1, token_indices), hidden_pre.index_select(-1, columns)
 
     @staticmethod
@@ -110,7 +114,7 @@ def _pre_activation_gradients(
     column_sums.index_add_(0, token_indices.reshape(-1), grad_at_indices.reshape(-1))
     grad_W_enc = None
     if ctx.needs_input_grad[1]:
-        grad_W_enc_t = scatter_outer_products(token_indices, grad_at_indices, centered, d_sae)
+        grad_W_enc_t = scatter_outer_products(token_indices, grad_at_indices, centered, d_sae, ctx.allow_triton)
         if len(columns):
             grad_W_enc_t.index_add_(0, columns, grad_at_columns.T @ centered.to(dtype))
         grad_W_enc = grad_W_enc_t.T.to(W_enc.dtype)
@@ -122,6 +126,7 @@ def _pre_activation_gradients(
         grad_W_enc,
         column_sums.to(W_enc.dtype) if ctx.needs_input_grad[2] else None,
         grad_b_dec.to(W_enc.dtype) if grad_b_dec is not None else None,
+        None,
         None,
         None,
         None,

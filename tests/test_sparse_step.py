@@ -222,3 +222,42 @@ def test_saelens_trainer_steps_identically_with_the_sparse_feature_acts() -> Non
         torch.testing.assert_close(getattr(trainers[0], statistic), getattr(trainers[1], statistic))
     for name, parameter in theirs.named_parameters():
         torch.testing.assert_close(dict(ours.named_parameters())[name], parameter, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_a_subclass_adding_a_loss_on_hidden_pre_gets_saelens_gradients() -> None:
+    """SAELens's way to add a loss: extend ``training_forward_pass`` and use ``hidden_pre``, which must carry gradients
+    as SAELens's does (the sparse step's ``hidden_pre`` does not, so such a subclass takes the dense path)."""
+
+    def with_pre_activation_penalty(base: type) -> type:
+        class Penalised(base):  # type: ignore[misc, valid-type]
+            def training_forward_pass(self, step_input: TrainStepInput) -> Any:
+                output = super().training_forward_pass(step_input)
+                penalty = 100 * output.hidden_pre.pow(2).mean()
+                output.losses["pre_activation_penalty"] = penalty
+                output.loss = output.loss + penalty
+                return output
+
+        return Penalised
+
+    ours, theirs = topk_pair()
+    ours.__class__ = with_pre_activation_penalty(HierarchicalTopKTrainingSAE)
+    theirs.__class__ = with_pre_activation_penalty(TopKTrainingSAE)
+    sae_in = torch.randn(TOKENS, D_IN, dtype=torch.float64)
+    assert_same(train_step(ours, sae_in, dead_mask(8)), train_step(theirs, sae_in, dead_mask(8)))
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        torch.zeros(1, D_SAE, dtype=torch.bool),
+        torch.zeros(D_SAE - 4, dtype=torch.bool),
+        torch.zeros(D_SAE),
+        torch.zeros(D_SAE, dtype=torch.long),
+    ],
+    ids=["2-d", "too-short", "float", "int64"],
+)
+def test_a_malformed_dead_mask_is_refused_with_its_shape_and_dtype(mask: torch.Tensor) -> None:
+    sae = HierarchicalTopKTrainingSAE(HierarchicalTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K))
+    expected = rf"dead_neuron_mask must be a bool tensor of shape \({D_SAE},\).*{mask.dtype}"
+    with pytest.raises(ValueError, match=expected):
+        sae.training_forward_pass(TrainStepInput(torch.randn(TOKENS, D_IN), {}, mask, 1, False))
