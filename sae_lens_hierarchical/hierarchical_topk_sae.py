@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import torch
-from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
+from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput, TrainStepOutput
 from sae_lens.saes.topk_sae import (
     TopKSAE,
     TopKSAEConfig,
@@ -51,6 +51,9 @@ _LOGGED_BUDGET_FRACTIONS = (0.0, 0.25, 0.5, 1.0)
 # one by one, which the hierarchical loss does not do (SAELens's TopK AuxK loss rejects them too).
 _UNSUPPORTED_TRAINING_NORMALIZATIONS = ("layer_norm", "constant_norm_rescale")
 _B_DEC_INITS = ("zeros", "mean")
+# The level-weight schedule rides on SAELens's coefficient schedulers (linear warm-up 0 -> 1, saved with checkpoints).
+SCHEDULE_COEFFICIENT = "hierarchy_schedule"
+_SCHEDULE_STAGES = 64
 
 
 def _is_int(value: object) -> bool:
@@ -428,6 +431,12 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
             means uniform 1/|J|, which keeps the loss on the scale of a single-level MSE. Multi-TopK
             (Gao et al. 2024, L(k) + L(4k)/8) is ``k=4*k0, hierarchy_levels=[k0, 4*k0],
             hierarchy_weights=[1.0, 0.125]``.
+        hierarchy_final_weights (list[float] | None): optional weights (one per level, rules as above) that the
+            level weights move to, linearly, over ``hierarchy_schedule_steps`` training steps, then keep (for example
+            from uniform towards more weight on K). Driven by SAELens's coefficient scheduler
+            (``get_coefficients()["hierarchy_schedule"]``, 0 -> 1), so it resumes with the trainer's checkpoints; a
+            step given no such coefficient uses the final weights.
+        hierarchy_schedule_steps (int): length of that schedule in training steps (>= 1 with final weights, else 0).
         aux_loss_coefficient (float): weight of TopK's AuxK dead-latent loss, computed on the full top-K
             reconstruction exactly as in SAELens.
         rescale_acts_by_decoder_norm (bool): rank by ``pre-activation * ||W_dec row||`` and decode with
@@ -453,6 +462,8 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
     k: int = None  # type: ignore[assignment]  # required; see _validate_max_k
     hierarchy_levels: list[int] | None = None
     hierarchy_weights: list[float] | None = None
+    hierarchy_final_weights: list[float] | None = None
+    hierarchy_schedule_steps: int = 0
     loss_implementation: str = "auto"
     b_dec_init: str = "zeros"
 
@@ -467,6 +478,7 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
             self.hierarchy_levels = resolve_levels(self.k, self.hierarchy_levels)
         if self.hierarchy_weights is not None:
             self.hierarchy_weights = resolve_level_weights(self.levels, self.hierarchy_weights)
+        self._validate_schedule()
         if self.b_dec_init not in _B_DEC_INITS:
             raise ValueError(f"b_dec_init must be one of {list(_B_DEC_INITS)}; got {self.b_dec_init!r}")
         if self.use_sparse_activations:
@@ -489,8 +501,34 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
 
     @property
     def level_weights(self) -> list[float]:
-        """The per-level weights actually used by the loss."""
+        """The per-level weights the loss starts from (and keeps, without a schedule)."""
         return resolve_level_weights(self.levels, self.hierarchy_weights)
+
+    def level_weights_at(self, progress: float) -> list[float]:
+        """The weights a ``progress`` (0..1) through the schedule: ``level_weights`` moved linearly towards
+        ``hierarchy_final_weights``, in steps of 1/64 (each distinct set of weights is a cached loss plan)."""
+        if self.hierarchy_final_weights is None:
+            return self.level_weights
+        t = round(min(max(float(progress), 0.0), 1.0) * _SCHEDULE_STAGES) / _SCHEDULE_STAGES
+        final = self.hierarchy_final_weights
+        return [(1 - t) * start + t * end for start, end in zip(self.level_weights, final, strict=True)]
+
+    def _validate_schedule(self) -> None:
+        steps = self.hierarchy_schedule_steps
+        if not _is_int(steps) or steps < 0:
+            raise ValueError(f"hierarchy_schedule_steps must be an int >= 0; got {steps!r}")
+        if self.hierarchy_final_weights is None:
+            if steps:
+                raise ValueError(
+                    f"hierarchy_schedule_steps={steps} needs hierarchy_final_weights (the weights to move towards)"
+                )
+            return
+        self.hierarchy_final_weights = resolve_level_weights(self.levels, self.hierarchy_final_weights)
+        if steps < 1:
+            raise ValueError(
+                "hierarchy_final_weights needs hierarchy_schedule_steps >= 1 (training steps over which the weights "
+                f"move from hierarchy_weights to them); got {steps}. For fixed weights, set hierarchy_weights instead"
+            )
 
     @override
     @classmethod
@@ -549,6 +587,14 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
         self.b_dec_pending_mean_init = cfg.b_dec_init == "mean"
         self.register_load_state_dict_post_hook(_weights_loaded)
 
+    @override
+    def get_coefficients(self) -> dict[str, TrainCoefficientConfig | float]:
+        """SAELens's coefficients, plus the level-weight schedule's progress when one is configured."""
+        coefficients = super().get_coefficients()
+        if self.cfg.hierarchy_final_weights is not None:
+            coefficients[SCHEDULE_COEFFICIENT] = TrainCoefficientConfig(1.0, self.cfg.hierarchy_schedule_steps)
+        return coefficients
+
     def save_inference_model(self, path: str | Path) -> tuple[Path, Path]:
         """SAELens's ``save_inference_model``, with each file replaced atomically."""
         return save_files_atomically(path, super().save_inference_model)
@@ -588,14 +634,17 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
             with torch.no_grad():
                 self.b_dec.copy_(sae_in.reshape(-1, sae_in.shape[-1]).mean(dim=0))
             self.b_dec_pending_mean_init = False
+        level_weights = self.cfg.level_weights_at(step_input.coefficients.get(SCHEDULE_COEFFICIENT, 1.0))
         if self._needs_dense_step(sae_in):
-            mse_loss, level_mse, sae_out, feature_acts, hidden_pre = self._hierarchical_loss_through_decode(sae_in)
+            mse_loss, level_mse, sae_out, feature_acts, hidden_pre = self._hierarchical_loss_through_decode(
+                sae_in, level_weights
+            )
             aux_losses = self.calculate_aux_loss(
                 step_input=step_input, feature_acts=feature_acts, hidden_pre=hidden_pre, sae_out=sae_out
             )
         else:
             mse_loss, level_mse, sae_out, feature_acts, hidden_pre, aux_loss = self._sparse_step(
-                sae_in, step_input.dead_neuron_mask
+                sae_in, step_input.dead_neuron_mask, level_weights
             )
             aux_losses = {"auxiliary_reconstruction_loss": aux_loss}
         losses = {"mse_loss": mse_loss, **aux_losses}
@@ -627,7 +676,7 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
         return any(_has_hooks(hook) for hook in watched) or self._overrides_methods() or sae_in.requires_grad
 
     def _sparse_step(
-        self, sae_in: torch.Tensor, dead_neuron_mask: torch.Tensor | None
+        self, sae_in: torch.Tensor, dead_neuron_mask: torch.Tensor | None, level_weights: list[float]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(loss, level MSEs, sae_out, feature_acts, hidden_pre, AuxK loss)`` with one dense matmul.
 
@@ -659,7 +708,7 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
             pre_at_top = pre_at_top * decoder_norms[top_indices]
             pre_at_dead = pre_at_dead * decoder_norms[dead_columns]
         top_acts = pre_at_top.relu()
-        mse_loss, level_mse, sae_out = self._hierarchical_loss_fused(sae_in, top_acts, top_indices)
+        mse_loss, level_mse, sae_out = self._hierarchical_loss_fused(sae_in, top_acts, top_indices, level_weights)
         feature_acts = sparse_activations(top_acts.detach(), top_indices, hidden_pre.shape[-1])
         if not len(dead_columns):
             return mse_loss, level_mse, sae_out, feature_acts, hidden_pre, sae_out.new_tensor(0.0)
@@ -668,7 +717,7 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
         return mse_loss, level_mse, sae_out, feature_acts, hidden_pre, self.cfg.aux_loss_coefficient * scale * aux_loss
 
     def _hierarchical_loss_fused(
-        self, sae_in: torch.Tensor, top_acts: torch.Tensor, top_indices: torch.Tensor
+        self, sae_in: torch.Tensor, top_acts: torch.Tensor, top_indices: torch.Tensor, level_weights: list[float]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(loss, [n_levels] detached level MSEs, detached [..., d_in] top-K reconstruction)`` from K rows a token.
 
@@ -687,12 +736,12 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
             W_dec=W_dec,
             b_dec=self.b_dec,
             levels=self.levels,
-            level_weights=self.level_weights,
+            level_weights=level_weights,
         )
         return result.loss, result.level_mse, result.reconstruction.to(self.dtype)  # SAELens's sae_out dtype
 
     def _hierarchical_loss_through_decode(
-        self, sae_in: torch.Tensor
+        self, sae_in: torch.Tensor, level_weights: list[float]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """SAELens's dense path, ``encode_with_hidden_pre`` at K then one ``self.decode`` per level.
 
@@ -710,7 +759,7 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
             sae_out = self.decode(feature_acts * ranks_kept)
             level_mses.append(self.mse_loss_fn(sae_out, sae_in).sum(dim=-1).mean())
         level_mse = torch.stack(level_mses)
-        weights = torch.tensor(self.level_weights, dtype=level_mse.dtype, device=level_mse.device)
+        weights = torch.tensor(level_weights, dtype=level_mse.dtype, device=level_mse.device)
         return (level_mse * weights).sum(), level_mse.detach(), sae_out, feature_acts, hidden_pre
 
 
