@@ -1,10 +1,12 @@
-"""Summarise the issue-14 runs: for each objective, FVU per k as mean and range over seeds, and its ratios to the TopK
-SAEs trained on the same batches (same seed): TopK trained at k, and TopK trained at K (at k = K, and truncated to k).
+"""Summarise the issue-14 runs over seeds: each HierarchicalTopK objective's FVU (and CE-loss score, where measured)
+per k as mean ± half the range over seeds, and its comparison with the TopK SAEs trained on the same batches (same
+seed): FVU ratio to TopK trained at k (at k = K: TopK trained at K), FVU ratio to TopK@K truncated, CE-score
+difference to TopK trained at k.
 
 Usage: python docs/quality/summarize.py RESULTS_DIR OUTPUT_STEM
-RESULTS_DIR holds seed<S>/baselines/comparison.json (TopK at every budget and the default HierarchicalTopK) and
-seed<S>/<variant>/comparison.json (one HierarchicalTopK objective each), as docs/quality/search.sh writes them.
-Writes OUTPUT_STEM.md (tables), OUTPUT_STEM.json (every number) and OUTPUT_STEM.png (ratios against k).
+RESULTS_DIR holds seed<S>/baselines/comparison.json (the TopK SAEs, the default HierarchicalTopK, Multi-TopK if run)
+and seed<S>/<variant>/comparison.json (one HierarchicalTopK objective each), as docs/quality/*.sh write them.
+Writes OUTPUT_STEM.md (tables), OUTPUT_STEM.json (every number) and OUTPUT_STEM.png (FVU ratios against k).
 """
 
 from __future__ import annotations
@@ -20,116 +22,133 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 DEFAULT = "uniform (default)"
+METRICS = ("fvu", "ce_loss_score")
+
+# {kind: {seed: {k: {metric: value}}}}; kinds: HTopK objectives by name, "topk_fixed", "topk_truncated", "multi_topk"
+Runs = dict[str, dict[int, dict[int, dict[str, float]]]]
 
 
-def load(results: Path) -> tuple[dict[str, dict[int, dict]], dict[int, dict]]:
-    """``({variant: {seed: {k: htopk fvu}}}, {seed: {"fixed": {k: fvu}, "truncated": {k: fvu}}})``."""
-    variants: dict[str, dict[int, dict]] = {}
-    baselines: dict[int, dict] = {}
+def load(results: Path) -> Runs:
+    runs: Runs = {}
     for path in sorted(results.glob("seed*/*/comparison.json")):
         seed, variant = int(path.parent.parent.name.removeprefix("seed")), path.parent.name
-        saes = json.loads(path.read_text())["saes"]
-        for sae in saes.values():
-            fvu = {row["k"]: row["fvu"] for row in sae["results"]}
-            if sae["family"] == "hierarchical":
-                variants.setdefault(DEFAULT if variant == "baselines" else variant, {})[seed] = fvu
-            elif sae["family"] == "topk_fixed":
-                baselines.setdefault(seed, {"fixed": {}, "truncated": {}})["fixed"].update(fvu)
-            elif sae["family"] == "topk_truncated":
-                entry = baselines.setdefault(seed, {"fixed": {}, "truncated": {}})
-                entry["truncated"] = fvu
-                entry["fixed"][max(fvu)] = fvu[max(fvu)]
-    return variants, baselines
+        for sae in json.loads(path.read_text())["saes"].values():
+            rows = {row["k"]: {m: row[m] for m in METRICS if row.get(m) is not None} for row in sae["results"]}
+            family = sae["family"]
+            kind = (DEFAULT if variant == "baselines" else variant) if family == "hierarchical" else family
+            runs.setdefault(kind, {}).setdefault(seed, {}).update(rows)
+            if family == "topk_truncated":  # TopK trained at K is also "TopK trained at k" for k = K
+                largest = max(rows)
+                runs.setdefault("topk_fixed", {}).setdefault(seed, {})[largest] = rows[largest]
+    return runs
 
 
 def spread(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def text(stats: dict[str, float], digits: int = 3) -> str:
+def text(stats: dict[str, float] | None, digits: int = 3) -> str:
+    if stats is None:
+        return ""
     if stats["n"] == 1:
         return f"{stats['mean']:.{digits}f}"
-    half_range = (stats["max"] - stats["min"]) / 2
-    return f"{stats['mean']:.{digits}f} ± {half_range:.{digits}f}"
+    return f"{stats['mean']:.{digits}f} ± {(stats['max'] - stats['min']) / 2:.{digits}f}"
+
+
+def compare(runs: Runs, kind: str, baseline: str, metric: str, ratio: bool) -> dict[int, dict[str, float]]:
+    """Per k, over the seeds both ran: ``kind / baseline`` (ratio) or ``kind - baseline``."""
+    result = {}
+    for k in sorted({k for seed in runs[kind].values() for k in seed}):
+        values = []
+        for seed, rows in runs[kind].items():
+            other = runs.get(baseline, {}).get(seed, {}).get(k, {})
+            if metric in rows.get(k, {}) and metric in other:
+                mine = rows[k][metric]
+                values.append(mine / other[metric] if ratio else mine - other[metric])
+        if values:
+            result[k] = spread(values)
+    return result
 
 
 def summarize(results: Path) -> dict:
-    variants, baselines = load(results)
-    summary: dict = {"variants": {}, "baselines": {}}
-    fixed_ks = sorted({k for entry in baselines.values() for k in entry["fixed"]})
-    max_k = fixed_ks[-1]
-    for kind in ("fixed", "truncated"):
-        ks = sorted({k for entry in baselines.values() for k in entry[kind]})
-        summary["baselines"][kind] = {
-            k: spread([entry[kind][k] for entry in baselines.values() if k in entry[kind]]) for k in ks
+    runs = load(results)
+    max_k = max(k for seed in runs["topk_fixed"].values() for k in seed)
+    objectives = [kind for kind in runs if kind not in ("topk_fixed", "topk_truncated", "multi_topk")]
+    objectives.sort(key=lambda kind: (kind != DEFAULT, kind))
+    summary: dict = {"max_k": max_k, "objectives": {}, "per_k": {}}
+    for kind in objectives:
+        summary["objectives"][kind] = {
+            "seeds": sorted(runs[kind]),
+            "fvu_vs_topk_at_k": compare(runs, kind, "topk_fixed", "fvu", ratio=True),
+            "fvu_vs_truncated": compare(runs, kind, "topk_truncated", "fvu", ratio=True),
+            "ce_vs_topk_at_k": compare(runs, kind, "topk_fixed", "ce_loss_score", ratio=False),
         }
-    for variant, seeds in variants.items():
-        shared = [seed for seed in seeds if seed in baselines]
-        ks = sorted(seeds[shared[0]])
-        row: dict = {"seeds": shared, "fvu": {}, "vs_topk_at_k": {}, "vs_truncated": {}}
-        for k in ks:
-            row["fvu"][k] = spread([seeds[seed][k] for seed in shared])
-            if k in fixed_ks:
-                row["vs_topk_at_k"][k] = spread([seeds[seed][k] / baselines[seed]["fixed"][k] for seed in shared])
-            if k <= max_k // 8:
-                row["vs_truncated"][k] = spread([seeds[seed][k] / baselines[seed]["truncated"][k] for seed in shared])
-        summary["variants"][variant] = row
-    summary["max_k"] = max_k
+    for kind, seeds in runs.items():
+        ks = sorted({k for rows in seeds.values() for k in rows})
+        summary["per_k"][kind] = {
+            metric: {
+                k: spread([rows[k][metric] for rows in seeds.values() if metric in rows.get(k, {})])
+                for k in ks
+                if any(metric in rows.get(k, {}) for rows in seeds.values())
+            }
+            for metric in METRICS
+        }
     return summary
 
 
+def table(header: str, columns: list[int], rows: dict[str, dict[int, dict[str, float]]], digits: int = 3) -> list[str]:
+    lines = [header, "", "| | " + " | ".join(f"k={k}" for k in columns) + " |", "|---|" + "---:|" * len(columns)]
+    for name, values in rows.items():
+        lines.append(f"| {name} | " + " | ".join(text(values.get(k), digits) for k in columns) + " |")
+    return [*lines, ""]
+
+
 def markdown(summary: dict) -> str:
-    max_k = summary["max_k"]
-    variants = summary["variants"]
-    fixed_ks = sorted(summary["baselines"]["fixed"])
-    lines = [
-        "FVU ratio to the TopK SAE trained at k on the same batches (mean ± half the range over seeds; < 1: "
-        f"HierarchicalTopK better). Targets: <= 1.03 at k = K = {max_k}, <= 0.97 at every k <= K/2.",
-        "",
-        "| objective | seeds | " + " | ".join(f"k={k}" for k in fixed_ks) + " |",
-        "|---|---:|" + "---:|" * len(fixed_ks),
-    ]
-    for name, row in variants.items():
-        cells = [text(row["vs_topk_at_k"][k]) if k in row["vs_topk_at_k"] else "" for k in fixed_ks]
-        lines.append(f"| {name} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
-    small = sorted({k for row in variants.values() for k in row["vs_truncated"]})
-    lines += [
-        "",
-        f"FVU ratio to TopK trained at K = {max_k} and truncated to k (target <= 0.5 for k <= K/8):",
-        "",
-        "| objective | " + " | ".join(f"k={k}" for k in small) + " |",
-        "|---|" + "---:|" * len(small),
-    ]
-    for name, row in variants.items():
-        lines.append(f"| {name} | " + " | ".join(text(row["vs_truncated"][k]) for k in small) + " |")
-    all_ks = sorted({k for row in variants.values() for k in row["fvu"]})
-    lines += ["", "FVU (mean ± half the range over seeds):", ""]
-    lines += ["| SAE | " + " | ".join(f"k={k}" for k in all_ks) + " |", "|---|" + "---:|" * len(all_ks)]
-    for name, row in variants.items():
-        lines.append(f"| HTopK {name} | " + " | ".join(text(row["fvu"][k], 4) for k in all_ks) + " |")
-    fixed = summary["baselines"]["fixed"]
-    lines.append("| TopK trained at k | " + " | ".join(text(fixed[k], 4) if k in fixed else "" for k in all_ks) + " |")
-    truncated = summary["baselines"]["truncated"]
-    cells = [text(truncated[k], 4) if k in truncated else "" for k in all_ks]
-    lines.append(f"| TopK@{max_k} truncated | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    max_k, objectives, per_k = summary["max_k"], summary["objectives"], summary["per_k"]
+    seeds = sorted({seed for row in objectives.values() for seed in row["seeds"]})
+    lines = [f"Seeds {seeds}; every cell is the mean ± half the range over the seeds that ran it.", ""]
+    fixed_ks = sorted(per_k["topk_fixed"]["fvu"])
+    lines += table(
+        f"**FVU / FVU of TopK trained at k** (same seed; < 1: HierarchicalTopK better). Targets: <= 1.03 at k = K = "
+        f"{max_k}, <= 0.97 at every k <= K/2.",
+        fixed_ks,
+        {name: row["fvu_vs_topk_at_k"] for name, row in objectives.items()},
+    )
+    small = [k for k in sorted(per_k[next(iter(objectives))]["fvu"]) if k <= max_k // 8]
+    lines += table(
+        f"**FVU / FVU of TopK trained at K = {max_k}, truncated to k** (target <= 0.5 for k <= K/8).",
+        small,
+        {name: row["fvu_vs_truncated"] for name, row in objectives.items()},
+    )
+    if any(row["ce_vs_topk_at_k"] for row in objectives.values()):
+        lines += table(
+            "**CE-loss score minus that of TopK trained at k** (same seed; > 0: HierarchicalTopK better).",
+            fixed_ks,
+            {name: row["ce_vs_topk_at_k"] for name, row in objectives.items()},
+        )
+    names = {"topk_fixed": "TopK trained at k", "topk_truncated": f"TopK@{max_k} truncated", "multi_topk": "Multi-TopK"}
+    for metric, title in (("fvu", "FVU"), ("ce_loss_score", "CE-loss score")):
+        rows = {names.get(kind, f"HTopK {kind}"): values[metric] for kind, values in per_k.items() if values[metric]}
+        if rows:
+            all_ks = sorted({k for values in rows.values() for k in values})
+            lines += table(f"**{title}**", all_ks, rows, digits=4)
+    return "\n".join(lines)
 
 
 def plot(summary: dict, path: Path) -> None:
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for name, row in summary["variants"].items():
-        ks = sorted(row["vs_topk_at_k"])
-        means = [row["vs_topk_at_k"][k]["mean"] for k in ks]
-        errors = [
-            [row["vs_topk_at_k"][k]["mean"] - row["vs_topk_at_k"][k]["min"] for k in ks],
-            [row["vs_topk_at_k"][k]["max"] - row["vs_topk_at_k"][k]["mean"] for k in ks],
-        ]
+    for name, row in summary["objectives"].items():
+        ratios = row["fvu_vs_topk_at_k"]
+        ks = sorted(ratios)
+        means = [ratios[k]["mean"] for k in ks]
+        below = [ratios[k]["mean"] - ratios[k]["min"] for k in ks]
+        errors = [below, [ratios[k]["max"] - ratios[k]["mean"] for k in ks]]
         axis.errorbar(ks, means, yerr=errors, marker="o", capsize=3, label=name)
     axis.axhline(1.0, color="black", linewidth=0.8)
     axis.set_xscale("log", base=2)
     axis.set_xlabel("k")
     axis.set_ylabel("FVU / FVU of TopK trained at k")
-    axis.set_title("HierarchicalTopK objectives against TopK trained at each k (range over seeds)")
+    axis.set_title("HierarchicalTopK objectives against TopK trained at each k (bars: range over seeds)")
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -140,10 +159,11 @@ def main() -> None:
     results, stem = Path(sys.argv[1]), Path(sys.argv[2])
     summary = summarize(results)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".md").write_text(markdown(summary))
+    report = markdown(summary)
+    stem.with_suffix(".md").write_text(report)
     stem.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
     plot(summary, stem.with_suffix(".png"))
-    print(markdown(summary))
+    print(report)
 
 
 if __name__ == "__main__":
