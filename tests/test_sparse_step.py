@@ -261,3 +261,15 @@ def test_a_malformed_dead_mask_is_refused_with_its_shape_and_dtype(mask: torch.T
     expected = rf"dead_neuron_mask must be a bool tensor of shape \({D_SAE},\).*{mask.dtype}"
     with pytest.raises(ValueError, match=expected):
         sae.training_forward_pass(TrainStepInput(torch.randn(TOKENS, D_IN), {}, mask, 1, False))
+
+
+@pytest.mark.parametrize("loss_implementation", ["reference", "fused", "triton"])
+def test_the_sparse_step_equals_saelens_topk_with_every_loss_implementation(loss_implementation: str) -> None:
+    """float32 (Triton takes no float64; under ``TRITON_INTERPRET=1`` its kernels run on these CPU tensors)."""
+    if loss_implementation == "triton":
+        pytest.importorskip("triton")
+    ours, theirs = topk_pair(torch.float32)
+    ours.cfg.loss_implementation = loss_implementation
+    sae_in = torch.randn(TOKENS, D_IN, generator=torch.Generator().manual_seed(2)) * 2 + 1
+    ours_step, theirs_step = train_step(ours, sae_in, dead_mask(40)), train_step(theirs, sae_in, dead_mask(40))
+    assert_same_step(ours_step, theirs_step, rtol=1e-5, atol=1e-6)
