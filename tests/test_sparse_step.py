@@ -273,3 +273,12 @@ def test_the_sparse_step_equals_saelens_topk_with_every_loss_implementation(loss
     sae_in = torch.randn(TOKENS, D_IN, generator=torch.Generator().manual_seed(2)) * 2 + 1
     ours_step, theirs_step = train_step(ours, sae_in, dead_mask(40)), train_step(theirs, sae_in, dead_mask(40))
     assert_same_step(ours_step, theirs_step, rtol=1e-5, atol=1e-6)
+
+
+def test_saelens_compile_sae_keeps_the_sparse_step() -> None:
+    """``compile_sae=True`` sets ``sae.training_forward_pass = torch.compile(sae.training_forward_pass)`` on the
+    instance; that wrapper calls our own method, so the step must stay sparse (a subclass override does not)."""
+    sae = HierarchicalTopKTrainingSAE(HierarchicalTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K))
+    original = sae.training_forward_pass
+    sae.training_forward_pass = lambda step_input: original(step_input)  # what torch.compile's wrapper does
+    assert not sae._needs_dense_step(torch.randn(TOKENS, D_IN))
