@@ -6,7 +6,8 @@ difference to TopK trained at k.
 Usage: python docs/quality/summarize.py RESULTS_DIR OUTPUT_STEM
 RESULTS_DIR holds seed<S>/baselines/comparison.json (the TopK SAEs, the default HierarchicalTopK, Multi-TopK if run)
 and seed<S>/<variant>/comparison.json (one HierarchicalTopK objective each), as docs/quality/*.sh write them.
-Writes OUTPUT_STEM.md (tables), OUTPUT_STEM.json (every number) and OUTPUT_STEM.png (FVU ratios against k).
+Writes OUTPUT_STEM.md (tables), OUTPUT_STEM.json (every number), OUTPUT_STEM.png (FVU ratios against k) and
+OUTPUT_STEM_tradeoff.png (each objective's ratio at K against its worst ratio below K).
 """
 
 from __future__ import annotations
@@ -155,6 +156,30 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def plot_tradeoff(summary: dict, path: Path) -> None:
+    """Each objective as a point: FVU ratio at k = K against its worst ratio at the k <= K/2, with the target box."""
+    max_k = summary["max_k"]
+    figure, axis = plt.subplots(figsize=(6, 4.5))
+    in_box = []
+    for name, row in summary["objectives"].items():
+        ratios = row["fvu_vs_topk_at_k"]
+        if max_k not in ratios:
+            continue
+        worst_small = max(ratios[k]["mean"] for k in ratios if k <= max_k // 2)
+        if ratios[max_k]["mean"] <= 1.03 and worst_small <= 0.97:
+            in_box.append(name)
+        axis.scatter(ratios[max_k]["mean"], worst_small)
+        axis.annotate(name, (ratios[max_k]["mean"], worst_small), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    axis.axvline(1.03, color="green", linestyle="--", linewidth=0.8)
+    axis.axhline(0.97, color="green", linestyle="--", linewidth=0.8)
+    axis.set_xlabel(f"FVU / TopK trained at K, at k = K = {max_k}  (target <= 1.03)")
+    axis.set_ylabel("worst FVU / TopK trained at k, k <= K/2  (target <= 0.97)")
+    axis.set_title(f"Objectives meeting both targets (lower left): {', '.join(in_box) or 'none'}", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def main() -> None:
     results, stem = Path(sys.argv[1]), Path(sys.argv[2])
     summary = summarize(results)
@@ -163,6 +188,7 @@ def main() -> None:
     stem.with_suffix(".md").write_text(report)
     stem.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
     plot(summary, stem.with_suffix(".png"))
+    plot_tradeoff(summary, stem.parent / f"{stem.name}_tradeoff.png")
     print(report)
 
 
