@@ -136,6 +136,22 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def readme_table(summary: dict) -> str:
+    """The README's comparison layout: per k, FVU then CE-loss score of HTopK (default), TopK trained at k, TopK@K
+    truncated and Multi-TopK, each mean ± half the range over seeds."""
+    max_k, per_k = summary["max_k"], summary["per_k"]
+    kinds = [DEFAULT, "topk_fixed", "topk_truncated", "multi_topk"]
+    names = ["HTopK", "TopK trained at k", f"TopK@{max_k} truncated", "Multi-TopK"]
+    kinds, names = zip(*[(kind, name) for kind, name in zip(kinds, names, strict=True) if kind in per_k], strict=True)
+    header = [f"FVU: {name}" for name in names] + [f"CE score: {name}" for name in names]
+    lines = ["| k | " + " | ".join(header) + " |", "|---:|" + "---:|" * len(header)]
+    for k in sorted(per_k[DEFAULT]["fvu"]):
+        cells = [text(per_k[kind]["fvu"].get(k), 3) for kind in kinds]
+        cells += [text(per_k[kind]["ce_loss_score"].get(k), 3) for kind in kinds]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(summary: dict, path: Path) -> None:
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for name, row in summary["objectives"].items():
@@ -185,6 +201,8 @@ def main() -> None:
     summary = summarize(results)
     stem.parent.mkdir(parents=True, exist_ok=True)
     report = markdown(summary)
+    if "ce_loss_score" in {m for values in summary["per_k"].values() for m, v in values.items() if v}:
+        report += "\n**The README's layout** (FVU and CE-loss score per SAE):\n\n" + readme_table(summary)
     stem.with_suffix(".md").write_text(report)
     stem.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
     plot(summary, stem.with_suffix(".png"))
