@@ -33,7 +33,13 @@ def test_default_suite_members() -> None:
     assert list(members) == ["htopk-k64", "topk-k8", "topk-k16", "topk-k32", "topk-k64", "multi-topk-k16-k64"]
     assert members["htopk-k64"].sae_overrides == {}
     assert members["htopk-k64"].eval_ks == [1, 2, 4, 8, 16, 32, 64]
-    assert members["topk-k16"].sae_overrides == {"k": 16, "hierarchy_levels": [16], "hierarchy_weights": None}
+    assert members["topk-k16"].sae_overrides == {
+        "k": 16,
+        "hierarchy_levels": [16],
+        "hierarchy_weights": None,
+        "hierarchy_final_weights": None,
+        "hierarchy_schedule_steps": 0,
+    }
     assert members["topk-k16"].eval_ks == [16]
     assert members["topk-k64"].family == "topk_truncated"
     assert members["topk-k64"].eval_ks == [1, 2, 4, 8, 16, 32, 64]
@@ -152,3 +158,18 @@ def test_small_comparison_is_bit_reproducible(tmp_path: Path) -> None:
         )
         reports.append(json.loads((tmp_path / name / "comparison.json").read_text()))
     assert reports[0] == reports[1]
+
+
+def test_baselines_keep_their_fixed_objective_when_htopk_gets_a_schedule() -> None:
+    """``compare --set sae.hierarchy_final_weights=[...]`` schedules the HierarchicalTopK SAE only; a single-level or
+    Multi-TopK baseline must neither inherit the schedule nor fail on its per-level weights."""
+    from dataclasses import replace
+
+    from sae_lens_hierarchical import HierarchicalTopKTrainingSAEConfig
+
+    scheduled = HierarchicalTopKTrainingSAEConfig(
+        d_in=4, d_sae=64, k=8, hierarchy_final_weights=[0.0] * 7 + [1.0], hierarchy_schedule_steps=10
+    )
+    for member in baseline_suite(8, [2, 4, 8]):
+        cfg = replace(scheduled, **member.sae_overrides)
+        assert (cfg.hierarchy_final_weights is not None) == (member.family == "hierarchical"), member.name

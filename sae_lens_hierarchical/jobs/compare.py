@@ -74,13 +74,17 @@ def baseline_suite(max_k: int, budgets: list[int], baselines: tuple[str, ...] = 
                 members.append(SuiteMember(f"topk-k{k}", "topk_fixed", _single_level(k), [k]))
         members.append(SuiteMember(f"topk-k{max_k}", "topk_truncated", _single_level(max_k), eval_ks))
     if "multi_topk" in baselines and max_k >= 4:
-        multi = {"k": max_k, "hierarchy_levels": [max_k // 4, max_k], "hierarchy_weights": [1.0, 0.125]}
+        multi = {"k": max_k, "hierarchy_levels": [max_k // 4, max_k], "hierarchy_weights": [1.0, 0.125], **_NO_SCHEDULE}
         members.append(SuiteMember(f"multi-topk-k{max_k // 4}-k{max_k}", "multi_topk", multi, eval_ks))
     return members
 
 
+# A baseline keeps its own fixed objective whatever level-weight schedule the HierarchicalTopK SAE is given.
+_NO_SCHEDULE = {"hierarchy_final_weights": None, "hierarchy_schedule_steps": 0}
+
+
 def _single_level(k: int) -> dict[str, Any]:
-    return {"k": k, "hierarchy_levels": [k], "hierarchy_weights": None}
+    return {"k": k, "hierarchy_levels": [k], "hierarchy_weights": None, **_NO_SCHEDULE}
 
 
 @dataclass
