@@ -289,11 +289,17 @@ class VariableKMixin(Generic[T_CFG]):
             hidden_pre = hidden_pre * self.W_dec.norm(dim=-1)  # type: ignore[attr-defined]
         return hidden_pre
 
-    def decoder_coefficients(self, top_acts: torch.Tensor, top_indices: torch.Tensor) -> torch.Tensor:
-        """What multiplies each selected decoder row: the activation, over the row norm when rescaling."""
+    def decoder_coefficients(
+        self, top_acts: torch.Tensor, top_indices: torch.Tensor, decoder_norms: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """What multiplies each selected decoder row: the activation, over the row norm when rescaling.
+
+        ``decoder_norms``: ``W_dec``'s row norms where the caller already has them (else computed here).
+        """
         if not self.cfg.rescale_acts_by_decoder_norm:
             return top_acts
-        return top_acts / self.W_dec.norm(dim=-1)[top_indices]  # type: ignore[attr-defined]
+        norms = self.W_dec.norm(dim=-1) if decoder_norms is None else decoder_norms  # type: ignore[attr-defined]
+        return top_acts / norms[top_indices]
 
     def process_sae_in(self, sae_in: torch.Tensor) -> torch.Tensor:
         """SAELens's input processing, after checking the input so a wrong tensor fails with its shape named."""
@@ -709,7 +715,8 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
             pre_at_top = pre_at_top * decoder_norms[top_indices]
             pre_at_dead = pre_at_dead * decoder_norms[dead_columns]
         top_acts = pre_at_top.relu()
-        mse_loss, level_mse, sae_out = self._hierarchical_loss_fused(sae_in, top_acts, top_indices, level_weights)
+        coefficients = self.decoder_coefficients(top_acts, top_indices, decoder_norms)
+        mse_loss, level_mse, sae_out = self._hierarchical_loss_fused(sae_in, coefficients, top_indices, level_weights)
         feature_acts = sparse_activations(top_acts.detach(), top_indices, hidden_pre.shape[-1])
         if not len(dead_columns):
             return mse_loss, level_mse, sae_out, feature_acts, hidden_pre, sae_out.new_tensor(0.0)
@@ -718,14 +725,15 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
         return mse_loss, level_mse, sae_out, feature_acts, hidden_pre, self.cfg.aux_loss_coefficient * scale * aux_loss
 
     def _hierarchical_loss_fused(
-        self, sae_in: torch.Tensor, top_acts: torch.Tensor, top_indices: torch.Tensor, level_weights: list[float]
+        self, sae_in: torch.Tensor, coefficients: torch.Tensor, top_indices: torch.Tensor, level_weights: list[float]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(loss, [n_levels] detached level MSEs, detached [..., d_in] top-K reconstruction)`` from K rows a token.
+        """``(loss, [n_levels] detached level MSEs, detached [..., d_in] top-K reconstruction)`` from K rows a token,
+        weighted by their ``coefficients`` (:meth:`decoder_coefficients`).
 
         Under autocast the decoder products take the autocast dtype's inputs, as SAELens's ``feature_acts @ W_dec``
         does; the sums over ranks stay in float32 (SAELens rounds its decoded output to bfloat16 as well).
         """
-        coefficients, W_dec = self.decoder_coefficients(top_acts, top_indices), self.W_dec
+        W_dec = self.W_dec
         device_type = sae_in.device.type
         if torch.is_autocast_enabled(device_type):
             autocast_dtype = torch.get_autocast_dtype(device_type)
