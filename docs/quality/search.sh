@@ -2,7 +2,9 @@
 # Issue 14, the cheap search: which levels / weights close HierarchicalTopK's gap to TopK at k = K without losing its
 # lead below K. d_sae 2,048, K = 32, the embedded preset's 600k training tokens (its existing activation cache),
 # FVU on its 30k held-out tokens; seeds 0 and 1 (SEEDS="0 1 2" for more). Each seed trains TopK at 4, 8, 16 and 32 and
-# the default HierarchicalTopK (uniform over 1..32) in lockstep, then each variant alone on the same batches.
+# the default HierarchicalTopK (uniform over 1..32) in lockstep, then each variant alone on the same batches. The
+# schedule variants start uniform and move linearly, over the whole run (585 steps of 1,024 tokens), towards weight w
+# on K = 32 (the other levels sharing 1 - w).
 # Writes results/quality/search/seed<S>/<variant>/comparison.json; docs/quality/summarize.py reads them.
 set -euo pipefail
 OUT=${OUT:-results/quality/search}
@@ -29,4 +31,8 @@ for seed in $SEEDS; do
     run geometric --set 'sae.hierarchy_levels=[1,2,4,8,16,32]'
     run geometric-k-weight-0.5 --set 'sae.hierarchy_levels=[1,2,4,8,16,32]' \
         --set 'sae.hierarchy_weights=[0.1,0.1,0.1,0.1,0.1,0.5]'
+    for last in 0.5 0.75; do
+        run "schedule-to-k-weight-$last" --set "sae.hierarchy_final_weights=$(weights 32 "$last")" \
+            --set sae.hierarchy_schedule_steps=585
+    done
 done
