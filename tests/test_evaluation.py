@@ -28,6 +28,7 @@ from sae_lens_hierarchical.evaluation import (
     figure_over_k,
     format_first_rank_table,
     format_markdown_table,
+    latent_activations,
     plot_first_ranks,
     plot_over_k,
 )
@@ -137,6 +138,29 @@ def test_sae_lens_topk_is_evaluated_truncated_to_its_largest_activations(
     with torch.no_grad():
         fvu = (sae(held_out_activations).double() - x).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum()
     assert results[-1].fvu == pytest.approx(float(fvu), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["hierarchical", "topk", "topk_rescaled"])
+def test_latent_activations_at_k_are_the_float64_ranking_scattered(
+    trained_sae_dir: Path, held_out_activations: torch.Tensor, kind: str
+) -> None:
+    """Dense activations at k: the k top-ranked latents of the float64 ranking carry their activations, none other."""
+    if kind == "hierarchical":
+        sae = load_sae(trained_sae_dir).to(torch.float64)
+    else:
+        sae = random_topk_sae(rescale_acts_by_decoder_norm=kind == "topk_rescaled").to(torch.float64)
+    x = held_out_activations.double()
+    for k in (1, 3, 8):
+        acts, indices, _ = float64_ranking(sae, x, k)
+        expected = torch.zeros(x.shape[0], sae.cfg.d_sae, dtype=torch.float64)
+        for rank in range(k):
+            expected[torch.arange(x.shape[0]), indices[:, rank]] = acts[:, rank]
+        with torch.no_grad():
+            got = latent_activations(sae, x, k)
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+        assert int((got > 0).sum(dim=-1).max()) <= k
+    with pytest.raises(ValueError, match="k"):
+        latent_activations(sae, x, sae.cfg.k + 1)
 
 
 def test_sae_without_k_needs_budgets_and_counts_only_active_latents(held_out_activations: torch.Tensor) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 from sae_lens_hierarchical.evaluation.budgets import (
     default_budgets,
     flat_inputs,
+    latent_activations,
     max_budget,
     prefix_reconstructions,
     ranked_latents,
@@ -56,6 +57,7 @@ __all__ = [
     "format_comparison_table",
     "format_first_rank_table",
     "format_markdown_table",
+    "latent_activations",
     "max_budget",
     "plot_comparison",
     "plot_first_ranks",

@@ -74,6 +74,19 @@ def ranked_latents(sae: SAE[Any], x: torch.Tensor, n_ranks: int) -> tuple[torch.
     return top_acts, top_indices, coefficients
 
 
+def latent_activations(sae: SAE[Any], x: torch.Tensor, k: int) -> torch.Tensor:
+    """``[tokens, d_sae]`` latent activations of ``x`` ``[tokens, d_in]`` at budget ``k``, zero outside the top k.
+
+    What interpretability measures read at a budget: a HierarchicalTopK SAE's ``encode(x, k=k)``, any other
+    TopK-family SAE truncated to its k largest activations (the same ranking as :func:`ranked_latents`).
+    """
+    max_k = max_budget(sae)
+    k = validate_k(k, sae.cfg.d_sae if max_k is None else max_k)
+    top_acts, top_indices, _ = ranked_latents(sae, x, k)
+    dense = torch.zeros(x.shape[0], sae.cfg.d_sae, dtype=top_acts.dtype, device=top_acts.device)
+    return dense.scatter_(1, top_indices, top_acts)
+
+
 def prefix_reconstructions(
     sae: SAE[Any], x: torch.Tensor, ks: list[int]
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
