@@ -8,12 +8,14 @@ sae-lens-hierarchical evaluate results/gemma-3-270m/sae --ks 1,4,16,64
 sae-lens-hierarchical compare                    # HTopK vs TopK at each k, truncated TopK, Multi-TopK
 sae-lens-hierarchical export results/gemma-3-270m/sae --k 16 topk_k16  # a plain SAELens TopK SAE at k=16
 sae-lens-hierarchical upload results/gemma-3-270m/sae owner/name --topk-ks 8,32 --dry-run repo_preview
+sae-lens-hierarchical inspect results/gemma-3-270m/sae --ks 4,16,64   # latent dashboards: a static site
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from sae_lens_hierarchical.jobs import (
     run_training_job,
     write_report,
 )
+from sae_lens_hierarchical.jobs.inspect import default_dashboard_dir, run_inspect_job
 from sae_lens_hierarchical.loading import load_sae
 from sae_lens_hierarchical.presets import PRESETS, Preset, get_preset
 from sae_lens_hierarchical.sharing import save_as_topk, save_as_topk_variants, upload
@@ -54,6 +57,21 @@ def _non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be an int >= 0; got {value}")
     return value
+
+
+def _latents(text: str) -> list[int]:
+    """``0-99,512``: latent ids and inclusive ranges, comma-separated."""
+    latents = []
+    for part in filter(None, text.split(",")):
+        first, _, last = part.partition("-")
+        try:
+            low, high = int(first), int(last or first)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected ids and ranges such as 0-99,512; got {part!r}") from None
+        if not 0 <= low <= high:
+            raise argparse.ArgumentTypeError(f"a range must be low-high with 0 <= low <= high; got {part!r}")
+        latents += range(low, high + 1)
+    return latents
 
 
 def _baselines(text: str) -> tuple[str, ...]:
@@ -142,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--baselines", type=_baselines, default=BASELINES, help=f"comma-separated, from {','.join(BASELINES)}"
     )
+    compare.add_argument(
+        "--objectives",
+        type=lambda text: [part for part in text.split(",") if part],
+        help="HierarchicalTopK objectives side by side, one SAE each (e.g. uniform,k-weight-0.5); names in "
+        "sae_lens_hierarchical.objectives (default: one SAE with the config's objective)",
+    )
     _add_override_option(compare)
     compare.add_argument("--training-tokens", type=_positive_int, help="per SAE (default: the preset's)")
     compare.add_argument("--eval-tokens", type=_positive_int, help="held-out tokens (default: the preset's)")
@@ -176,6 +200,23 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--topk-ks", type=_budgets, default=[], help="also upload TopK exports at these budgets")
     publish.add_argument("--revision", default="main")
     publish.add_argument("--dry-run", type=Path, metavar="DIR", help="write the files to DIR instead of uploading")
+
+    inspect = commands.add_parser(
+        "inspect", help="latent dashboards: a static HTML site of top contexts, frequencies and ranks at every k"
+    )
+    inspect.add_argument("sae", help="SAE directory, or a Hugging Face repo id with --sae-id")
+    inspect.add_argument("--sae-id", help="the SAE's folder inside a repo")
+    inspect.add_argument("--preset", help="default: the preset matching the SAE's model and hook")
+    inspect.add_argument(
+        "--latents", type=_latents, help="ids and ranges, e.g. 0-99,512 (default: up to 20 per first-rank range)"
+    )
+    inspect.add_argument("--ks", type=_budgets, help="budgets whose top contexts pages show (default K/16,K/4,K)")
+    inspect.add_argument("--contexts", type=_positive_int, default=10, help="top contexts per budget (default 10)")
+    inspect.add_argument("--eval-tokens", type=_positive_int, help="held-out tokens (default: the preset's)")
+    inspect.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_ROOT)
+    inspect.add_argument("--output-dir", type=Path, help="new directory (default <SAE_DIR>-dashboard beside the SAE)")
+    inspect.add_argument("--device", default="cpu")
+    inspect.add_argument("--overwrite", action="store_true", help="replace an existing dashboard directory")
     return parser
 
 
@@ -271,6 +312,7 @@ def _compare(args: argparse.Namespace) -> None:
         baselines=args.baselines,
         overrides=dict(args.overrides),
         n_checkpoints=args.checkpoints,
+        objectives=args.objectives,
         **_job_settings(args),
     )
     if result.results:
@@ -297,6 +339,27 @@ def _upload(args: argparse.Namespace) -> None:
         print(f"  {sae_id}: {description}")
 
 
+def _inspect(args: argparse.Namespace) -> None:
+    started = time.perf_counter()
+    sae = load_sae(args.sae, args.sae_id, device=args.device)
+    preset = _preset_for(sae, args.preset)
+    dashboard = run_inspect_job(
+        sae,
+        preset,
+        args.output_dir or default_dashboard_dir(args.sae, args.sae_id),
+        latents=args.latents,
+        ks=args.ks,
+        n_contexts=args.contexts,
+        eval_tokens=args.eval_tokens,
+        cache_root=args.cache_dir,
+        device=args.device,
+        overwrite=args.overwrite,
+    )
+    pages = len(dashboard.summary()["latents"])
+    minutes = (time.perf_counter() - started) / 60
+    print(f"Dashboard of {pages} latents: open {dashboard.index} in a browser. Took {minutes:.1f} min.")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     handlers = {
@@ -306,6 +369,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "compare": _compare,
         "export": _export,
         "upload": _upload,
+        "inspect": _inspect,
     }
     try:
         handlers[args.command](args)

@@ -129,6 +129,31 @@ _FAMILY_STYLES = {
 }
 
 
+# Colours of further HierarchicalTopK objectives drawn beside the first (compare --objectives).
+_OBJECTIVE_COLORS = ("tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+
+
+def family_label(line: str) -> str:
+    """The legend/column label of a report line: a family, or ``hierarchical:<objective>`` for one of several
+    HierarchicalTopK objectives compared side by side."""
+    family, _, objective = line.partition(":")
+    return f"HierarchicalTopK, {objective}" if objective else FAMILY_LABELS[family]
+
+
+def _line_order(lines: dict[str, Any]) -> list[str]:
+    """HierarchicalTopK lines first (in the order given), then the baselines in ``FAMILY_LABELS`` order."""
+    hierarchical = [line for line in lines if line.partition(":")[0] == "hierarchical"]
+    return hierarchical + [family for family in FAMILY_LABELS if family != "hierarchical" and family in lines]
+
+
+def _line_style(line: str, hierarchical_index: int) -> dict[str, Any]:
+    family = line.partition(":")[0]
+    style = dict(_FAMILY_STYLES[family])
+    if family == "hierarchical" and hierarchical_index > 0:
+        style["color"] = _OBJECTIVE_COLORS[(hierarchical_index - 1) % len(_OBJECTIVE_COLORS)]
+    return style
+
+
 def by_family(results: dict[str, list[BudgetMetrics]], families: dict[str, str]) -> dict[str, dict[int, BudgetMetrics]]:
     """Group per-SAE results into one ``{k: metrics}`` line per family (fixed-k TopK SAEs share a line)."""
     lines: dict[str, dict[int, BudgetMetrics]] = {}
@@ -147,14 +172,14 @@ def by_family(results: dict[str, list[BudgetMetrics]], families: dict[str, str])
 def format_comparison_table(results: dict[str, list[BudgetMetrics]], families: dict[str, str]) -> str:
     """Markdown: FVU, CE-loss score and KL score per k, one column per family, then HTopK against each baseline."""
     lines = by_family(results, families)
-    order = [family for family in FAMILY_LABELS if family in lines]
+    order = _line_order(lines)
     ks = sorted({k for line in lines.values() for k in line})
     metrics = [("fvu", "FVU (lower is better)")]
     if all(r.ce_loss_score is not None for rows in results.values() for r in rows):
         metrics += [("ce_loss_score", "CE-loss score (higher is better)"), ("kl_div_score", "KL score")]
     sections = []
     for metric, heading in metrics:
-        table = [f"**{heading}**", "", "| k | " + " | ".join(FAMILY_LABELS[f] for f in order) + " |"]
+        table = [f"**{heading}**", "", "| k | " + " | ".join(family_label(f) for f in order) + " |"]
         table.append("|---:|" + "---:|" * len(order))
         for k in ks:
             cells = [f"{getattr(lines[f][k], metric):.4f}" if k in lines[f] else "" for f in order]
@@ -165,18 +190,21 @@ def format_comparison_table(results: dict[str, list[BudgetMetrics]], families: d
 
 
 def _comparison_summary(lines: dict[str, dict[int, BudgetMetrics]]) -> str:
-    """HTopK's FVU relative to each baseline at the budgets both were evaluated at."""
-    htopk = lines.get("hierarchical")
-    if htopk is None:
+    """Each HierarchicalTopK line's FVU relative to each baseline at the budgets both were evaluated at."""
+    order = _line_order(lines)
+    hierarchical = [line for line in order if line.partition(":")[0] == "hierarchical"]
+    baselines = [line for line in order if line not in hierarchical]
+    if not hierarchical:
         return ""
-    baselines = [family for family in FAMILY_LABELS if family in lines and family != "hierarchical"]
-    header = "| k | " + " | ".join(f"HTopK FVU vs {FAMILY_LABELS[f]}" for f in baselines) + " |"
-    rows = [header, "|---:|" + "---:|" * len(baselines)]
-    for k in sorted(htopk):
+    pairs = [(h, b) for h in hierarchical for b in baselines]
+    name = "HTopK" if len(hierarchical) == 1 else "{}"
+    header = "| k | " + " | ".join(f"{name.format(family_label(h))} FVU vs {family_label(b)}" for h, b in pairs) + " |"
+    rows = [header, "|---:|" + "---:|" * len(pairs)]
+    for k in sorted({k for h in hierarchical for k in lines[h]}):
         cells = []
-        for family in baselines:
-            other = lines[family].get(k)
-            cells.append(f"{100 * (htopk[k].fvu / other.fvu - 1):+.1f}%" if other is not None else "")
+        for h, b in pairs:
+            mine, other = lines[h].get(k), lines[b].get(k)
+            cells.append(f"{100 * (mine.fvu / other.fvu - 1):+.1f}%" if mine and other else "")
         if any(cells):
             rows.append(f"| {k} | " + " | ".join(cells) + " |")
     note = "Relative FVU difference (negative: HierarchicalTopK reconstructs better)."
@@ -200,10 +228,10 @@ def plot_comparison(
         "explained_variance": "explained variance",
     }
     figure, axis = plt.subplots(figsize=(6.5, 4.2))
-    for family in (f for f in FAMILY_LABELS if f in lines):
-        ks = sorted(lines[family])
-        values = [getattr(lines[family][k], metric) for k in ks]
-        axis.plot(ks, values, label=FAMILY_LABELS[family], **_FAMILY_STYLES[family])  # type: ignore[arg-type]
+    for index, line in enumerate(_line_order(lines)):
+        ks = sorted(lines[line])
+        values = [getattr(lines[line][k], metric) for k in ks]
+        axis.plot(ks, values, label=family_label(line), **_line_style(line, index))
     all_ks = sorted({k for line in lines.values() for k in line})
     axis.set(xscale="log", xlabel="budget k (active latents per token)", ylabel=ylabels.get(metric, metric))
     axis.set_xticks(all_ks, [str(k) for k in all_ks])

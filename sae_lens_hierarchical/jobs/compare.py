@@ -33,6 +33,7 @@ from sae_lens_hierarchical.jobs.common import (
     prepare_embedded_activations,
 )
 from sae_lens_hierarchical.loading import load_sae
+from sae_lens_hierarchical.objectives import objective_overrides
 from sae_lens_hierarchical.presets import Preset
 
 BASELINES = ("topk", "multi_topk")
@@ -51,10 +52,26 @@ class SuiteMember:
     family: str
     sae_overrides: dict[str, Any]
     eval_ks: list[int]
+    objective: str | None = None
+    """A named HierarchicalTopK objective (:mod:`sae_lens_hierarchical.objectives`); None: the config's own."""
+
+    @property
+    def line(self) -> str:
+        """The report line this member belongs to: its family, split by objective when several are compared."""
+        return self.family if self.objective is None else f"{self.family}:{self.objective}"
 
 
-def baseline_suite(max_k: int, budgets: list[int], baselines: tuple[str, ...] = BASELINES) -> list[SuiteMember]:
+def baseline_suite(
+    max_k: int,
+    budgets: list[int],
+    baselines: tuple[str, ...] = BASELINES,
+    objectives: dict[str, dict[str, Any]] | None = None,
+) -> list[SuiteMember]:
     """HierarchicalTopK at K plus the baselines: TopK at each budget (the one at K doubles as truncated TopK).
+
+    ``objectives`` (name -> HierarchicalTopK config fields, from :func:`~sae_lens_hierarchical.objectives.
+    objective_overrides`) puts one HierarchicalTopK SAE per objective in the suite, ``htopk-k<K>-<name>``, side by
+    side on the same batches; without it there is one, ``htopk-k<K>``, with the config's own objective.
 
     Every baseline is this package's training SAE with a single level (proven equal to SAELens's TopK
     training SAE in tests/test_architecture.py), so initialisation, b_dec, AuxK and rescaling are the same
@@ -67,7 +84,15 @@ def baseline_suite(max_k: int, budgets: list[int], baselines: tuple[str, ...] = 
     if not budgets or budgets[0] < 1 or budgets[-1] > max_k:
         raise ValueError(f"comparison budgets must be in 1..K={max_k}; got {budgets}")
     eval_ks = sorted(set(default_budgets(max_k)) | set(budgets))
-    members = [SuiteMember(f"htopk-k{max_k}", "hierarchical", {}, eval_ks)]
+    if objectives is not None and not objectives:
+        raise ValueError("objectives must name at least one objective (or be None for the config's own)")
+    if objectives is None:
+        members = [SuiteMember(f"htopk-k{max_k}", "hierarchical", {}, eval_ks)]
+    else:
+        members = [
+            SuiteMember(f"htopk-k{max_k}-{name}", "hierarchical", fields, eval_ks, objective=name)
+            for name, fields in objectives.items()
+        ]
     if "topk" in baselines:
         for k in budgets:
             if k < max_k:
@@ -110,6 +135,7 @@ def run_comparison_job(
     progress: bool = True,
     model: HookedTransformer | None = None,
     n_checkpoints: int = 0,
+    objectives: list[str] | None = None,
 ) -> ComparisonJobResult:
     """Train HierarchicalTopK and its baselines in lockstep on the same activation batches, evaluate, report.
 
@@ -124,6 +150,8 @@ def run_comparison_job(
         downstream_tokens: held-out tokens for CE-loss/KL scores (default the preset's; 0 skips them).
         n_checkpoints: checkpoints during training, kept beside ``output_dir`` until the job succeeds; rerunning
             the same job after a crash resumes from the newest complete one (embedded presets).
+        objectives: named HierarchicalTopK objectives (:mod:`sae_lens_hierarchical.objectives`) to train side by
+            side, one SAE each; None trains one with the config's own objective (``overrides`` may set it).
     """
     check_output_dir(output_dir, overwrite)
     if n_checkpoints < 0:
@@ -132,11 +160,12 @@ def run_comparison_job(
     training_tokens = training_tokens or preset.training_tokens
     eval_tokens = eval_tokens or preset.eval_tokens
     downstream_tokens = preset.downstream_eval_tokens if downstream_tokens is None else downstream_tokens
+    _check_objectives(objectives, overrides or {})
     cfg = apply_overrides(preset.runner_config(None, training_tokens=training_tokens, seed=seed), overrides or {})
     cfg = replace(cfg, device=device)
     max_k = cfg.sae.k
     budgets = budgets or sorted({max(1, max_k // 8), max(1, max_k // 4), max(1, max_k // 2), max_k})
-    members = baseline_suite(max_k, budgets, baselines)
+    members = baseline_suite(max_k, budgets, baselines, _resolve_objectives(objectives, cfg))
     model = model if model is not None else preset.load_model(device)
     activations = None
     if preset.embedded:
@@ -166,10 +195,33 @@ def run_comparison_job(
             write_comparison_report(results, members, scratch, title)
         job = {"preset": preset.name, "overrides": overrides or {}, "training_tokens": training_tokens}
         job |= {"eval_tokens": eval_tokens, "downstream_tokens": downstream_tokens, "seed": seed}
-        job |= {"budgets": budgets, "baselines": list(baselines)}
+        job |= {"budgets": budgets, "baselines": list(baselines), "objectives": objectives}
         seconds = finish_job(scratch, output_dir, job, started)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return ComparisonJobResult(output_dir, results, seconds)
+
+
+def _check_objectives(objectives: list[str] | None, overrides: dict[str, Any]) -> None:
+    """Refuse duplicate objectives and ``--set`` overrides of the level fields, which would silently lose to the
+    names; before anything else looks at the overrides."""
+    if objectives is None:
+        return
+    duplicates = sorted({name for name in objectives if objectives.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"objectives must be distinct; got {duplicates} more than once")
+    clashing = sorted(name for name in overrides if name.removeprefix("sae.").startswith("hierarchy_"))
+    if clashing:
+        raise ValueError(f"objectives set the level fields themselves; drop the overrides {clashing} or the objectives")
+
+
+def _resolve_objectives(
+    objectives: list[str] | None, cfg: LanguageModelSAERunnerConfig[Any]
+) -> dict[str, dict[str, Any]] | None:
+    """Each named objective's config fields for this run (a schedule spans all its steps)."""
+    if objectives is None:
+        return None
+    n_steps = cfg.training_tokens // cfg.train_batch_size_tokens
+    return {name: objective_overrides(name, cfg.sae.k, n_steps) for name in objectives}
 
 
 def train_suite(
@@ -357,13 +409,14 @@ def write_comparison_report(
     results: dict[str, list[BudgetMetrics]], members: list[SuiteMember], directory: Path, title: str
 ) -> None:
     """``comparison.md`` (tables), ``comparison.json`` and ``comparison_fvu.png`` / ``comparison_ce.png``."""
-    families = {member.name: member.family for member in members}
+    families = {member.name: member.line for member in members}
     (directory / "comparison.md").write_text(format_comparison_table(results, families) + "\n")
     payload = {
         "title": title,
         "saes": {
             member.name: {
                 "family": member.family,
+                "objective": member.objective,
                 "settings": member.sae_overrides,
                 "results": [r.to_dict() for r in results[member.name]],
             }
