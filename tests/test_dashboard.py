@@ -28,6 +28,7 @@ from sae_lens_hierarchical.cli import main
 from sae_lens_hierarchical.data import hook_activations
 from sae_lens_hierarchical.interpretability import dashboard as dashboard_module
 from sae_lens_hierarchical.interpretability.dashboard import LatentDashboard, latent_dashboard, visible_token
+from sae_lens_hierarchical.interpretability.dashboard_site import DashboardSite
 from sae_lens_hierarchical.jobs import prepare_embedded_activations
 from tests.conftest import TRAINED_K
 from tests.test_cli import assert_png_shows_a_plot
@@ -288,7 +289,7 @@ def test_a_crash_while_writing_leaves_nothing_or_the_old_site(
     site: LatentDashboard, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inputs: Inputs
 ) -> None:
     written: list[int] = []
-    real = dashboard_module._Site.latent_html
+    real = DashboardSite.latent_html
 
     def crash_on_third_page(self: Any, data: dict[str, Any], page: int) -> str:
         written.append(page)
@@ -296,7 +297,7 @@ def test_a_crash_while_writing_leaves_nothing_or_the_old_site(
             raise OSError("disk full")
         return real(self, data, page)
 
-    monkeypatch.setattr(dashboard_module._Site, "latent_html", crash_on_third_page)
+    monkeypatch.setattr(DashboardSite, "latent_html", crash_on_third_page)
     sae, model, tokens = load_sae(inputs.sae_dir), inputs.model, inputs.tokens[:16]
     with pytest.raises(OSError, match="disk full"):
         latent_dashboard(model, sae, tokens, tmp_path / "new", latents=[1, 2, 3, 4], progress=False)
