@@ -1,0 +1,937 @@
+"""Feature absorption at every budget k: the first-letter task of Chanin et al. (2024), as SAEBench measures it.
+
+"A is for Absorption" (Chanin et al., 2024) shows that a latent which seems to mean "starts with S" fails to fire on
+some S-words, because a more specific latent (a token latent for " short", say) has absorbed the letter direction.
+SAEBench's ``absorption_first_letter`` eval turns this into two scores. ``sae-bench`` cannot be installed beside
+sae-lens 6.54, so its published definition is implemented here (no code copied) and applied to any TopK-family SAE
+at each budget k (:func:`sae_lens_hierarchical.evaluation.latent_activations`).
+
+The definition implemented
+--------------------------
+1. **Words and prompts.** Words are single vocabulary tokens made of a space and ASCII letters (" cat", " Paris");
+   a word's letter is its first letter, lower-cased (26 classes). Each word gets an in-context prompt of
+   ``n_icl_examples`` (10) other words from its own split, one per line, ``"{word} has the first letter: C"``, then
+   ``"{word} has the first letter:"`` with the answer left out. The residual stream is read at the word's token,
+   6 tokens before the end (SAEBench's ``prompt_token_pos = -6``); a prompt whose token there is not the word is
+   dropped (counted in ``n_dropped``).
+2. **Ground-truth probe.** 26 one-vs-rest logistic regressions, classes weighted to balance (SAEBench's BCE with
+   ``pos_weight = negatives / positives``), on the training words' activations. Reported on the held-out words:
+   top-1 accuracy (argmax over the 26 scores) and each letter's F1 of ``score > 0``. A letter is scored only when
+   that F1 exceeds ``min_probe_f1`` (0.6), and absorption is measured only when at least ``min_letters`` (20)
+   letters pass (SAEBench's ``min_GT_probe_f1`` and ``min_feats_for_eval``); otherwise the probe is too weak and
+   :func:`absorption_over_k` raises, naming the number.
+3. **Main latents (k-sparse probing).** Per letter, an L1-regularised logistic regression on the SAE's latent
+   activations of the training words ranks latents by weight; for n = 1, 2, ... ``max_main_latents`` (10) a
+   logistic regression on the top-n latents is fit and its held-out F1 (``score > 0``) measured. The main latents
+   are the top-n of the longest prefix in which every n raised F1 by more than ``f1_jump_threshold`` (0.03) over
+   the previous accepted n (n = 1 always accepted); their count is SAEBench's "number of split features".
+4. **Per held-out word of the letter that the probe calls that letter** (a probe true positive), with p the unit
+   probe direction, P = x . p the activation's projection on it, and each latent's probe projection
+   ``a_i (d_i . p)``, where ``a_i d_i`` is what the latent adds to the reconstruction (``d_i`` its decoder row,
+   divided by its norm when the SAE rescales activations by decoder norms):
+
+   - **full absorption** (``mean_full_absorption_score``): no main latent fires (``|a| < 1e-8``), P > 0, and the
+     latent with the largest probe projection has decoder cosine with p of at least 0.025 and a projection of at
+     least 0.4 P;
+   - **absorption fraction** (``mean_absorption_fraction_score``): with M the main latents' summed projection and
+     T the sum of the (up to 3) largest positive projections among the other latents whose decoder cosine with p
+     is at least 0.1: 0 when M >= P or T < 0.4 P; else 1 when M <= 0; else ``a / (a + M)`` with
+     ``a = min(T, P - M)``. It captures partial absorption (the main latent fires, but weakly).
+
+   Per letter the rate is the count (or sum) over the probe true positives divided by their number; the score at k
+   is the mean over scored letters (those with probe F1 > ``min_probe_f1`` and at least one true positive).
+
+**Per k.** At each budget k the SAE's activations are its budget-k activations (a HierarchicalTopK SAE's nested
+ranking, any other TopK SAE truncated to its k largest), and by default the main latents are chosen again at each k
+(``main_latents="per_k"``): at small k only a token's top-ranked latents fire, so the latents that best track a
+letter at k need not be K's. ``main_latents="max_k"`` chooses them once at K and keeps them, asking instead whether
+K's letter latents give way at budget k. ``AbsorptionAtK.mean_main_f1`` says how well the main latents track their
+letter at each k: where it is low, no latent carries the letter at that budget, absorption is nearly undefined, and a
+low rate does not mean the letter is well represented.
+
+Deviations from SAEBench, and why
+---------------------------------
+- **Sizes.** SAEBench prompts every alphabetic token (86k for Gemma-3's vocabulary); on 2 CPU cores that is hours
+  of forward passes, so ``n_words_per_letter`` (160) words per letter are sampled (4,149 words, 87 tokens each:
+  361k tokens through 7 blocks, cached once), and split per letter (``train_fraction`` 0.8, SAEBench's split) so
+  that every letter, rare ones (x: 149 tokens) too, has about 30 held-out words. Balanced sampling also equalises
+  the letters' weight in the probe. Per-letter rates move in steps of 1/30; compare SAEs on the mean over letters.
+- **Tokens.** Only tokens with a leading space (SAEBench also takes letter-only tokens without one, i.e. word
+  pieces); the word stands alone in its prompt line either way.
+- **Seeded.** Sampling, splits and in-context examples come from ``seed``; SAEBench's are unseeded.
+- **One set of prompts.** SAEBench re-prompts the held-out words with fresh in-context examples (drawn from the whole
+  vocabulary, with a leading newline) before measuring absorption; here the probe's held-out prompts are reused, so
+  one cached activation set serves the probe, the k-sparse probes and absorption for every SAE.
+- **Solvers.** scikit-learn instead of SAEBench's Adam loops: the probe is lbfgs logistic regression (L2,
+  ``C = probe_c``, 1 by default, chosen before looking; 0.1 and 10 give held-out accuracy within 0.02 on
+  Gemma-3-270M) on activations centred and divided by one global scale, then mapped back, so the direction lives in
+  the raw residual stream; the L1 probe is liblinear with ``C = 1 / (l1_penalty * n_train)``, SAEBench's L1 decay
+  of 0.01 on the mean loss, on latent activations divided by their mean non-zero value so the penalty does not
+  depend on the SAE's activation scale (a tenth of it chose main latents of the same F1). Latents are ranked by L1
+  weight, ties by index (when every weight is zero, latent 0 comes first, as in SAEBench's ``topk``); the k-sparse
+  probes are SAEBench's (balanced, L2, 500 iterations) on the same scaled activations.
+- **Decoder norms.** SAEBench weighs activations by the decoder cosine, which assumes unit-norm decoder rows; here the
+  latent's actual contribution to the reconstruction is projected (the same value when rows are unit-norm or the SAE
+  rescales activations by decoder norms, as both of this package's saved SAEs do).
+- **An option, off by default.** P is SAEBench's projection of the input x, part of which the decoder bias supplies
+  and no latent can; ``AbsorptionConfig(subtract_b_dec=True)`` measures P on ``x - b_dec`` instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import scipy.sparse
+import torch
+from sae_lens import SAE
+from safetensors.torch import load_file, save_file
+from sklearn.linear_model import LogisticRegression
+from threadpoolctl import threadpool_limits
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from sae_lens_hierarchical._files import exclusive_lock, write_json_atomically, write_new_directory
+from sae_lens_hierarchical.data.activation_cache import DEFAULT_CACHE_ROOT, hook_activations
+from sae_lens_hierarchical.evaluation.budgets import latent_activations, resolve_budgets
+
+LETTERS = string.ascii_lowercase
+PROMPT_TEMPLATE = "{word} has the first letter:"  # SAEBench's prompt_template
+# The word's token sits this many tokens before the end: " word", " has", " the", " first", " letter", ":".
+WORD_TOKEN_POSITION = -6
+FIRING_EPS = 1e-8  # SAEBench's EPS: a latent with |activation| below this does not fire
+# scikit-learn >= 1.8 asks for l1_ratio=1 where older versions take penalty="l1".
+_L1: dict[str, Any] = (
+    {"l1_ratio": 1.0} if LogisticRegression().get_params().get("penalty") == "deprecated" else {"penalty": "l1"}
+)
+_CACHE_FORMAT = 1
+_CACHE_SUBDIR = "first_letter"
+_TENSORS_FILE = "activations.safetensors"
+_MANIFEST_FILE = "words.json"
+
+
+def _check_range(
+    name: str, value: object, low: float, high: float, integer: bool = False, open_low: bool = False
+) -> None:
+    """One ``ValueError`` naming ``name``, its value and the allowed range, when ``value`` falls outside it."""
+    kind = int if integer else (int, float)
+    ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)  # type: ignore[arg-type]
+    ok = ok and (value > low if open_low else value >= low) and value <= high  # type: ignore[operator]
+    if not ok:
+        bracket = "(" if open_low else "["
+        allowed = f"an int in {low}..{high}" if integer else f"a number in {bracket}{low}, {high}]"
+        raise ValueError(f"{name} must be {allowed}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class FirstLetterTask:
+    """Which words and prompts the first-letter task uses; every field is part of the activation cache's key.
+
+    Attributes:
+        n_words_per_letter: words sampled per letter (all of a letter's words when it has fewer).
+        train_fraction: share of each letter's words that train the probes; the rest are held out.
+        n_icl_examples: in-context examples before the word (from the word's own split).
+        seed: seeds the sampling, the split and the in-context examples.
+    """
+
+    n_words_per_letter: int = 160
+    train_fraction: float = 0.8
+    n_icl_examples: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_range("n_words_per_letter", self.n_words_per_letter, 2, 100_000, integer=True)
+        _check_range("train_fraction", self.train_fraction, 0.0, 0.95, open_low=True)
+        _check_range("n_icl_examples", self.n_icl_examples, 0, 100, integer=True)
+        _check_range("seed", self.seed, 0, 2**32 - 1, integer=True)
+
+
+@dataclass(frozen=True)
+class AbsorptionConfig:
+    """SAEBench's thresholds (its defaults), and how main latents are chosen per k.
+
+    Attributes:
+        main_latents: ``"per_k"`` chooses each letter's main latents at every budget; ``"max_k"`` once at K.
+        max_main_latents: the largest k-sparse probe tried (SAEBench ``max_k_value``).
+        f1_jump_threshold: held-out F1 gain that admits one more main latent.
+        l1_penalty: L1 strength of the probe that ranks latents, per training word (SAEBench's L1 decay).
+        min_probe_f1: a letter is scored only if the ground-truth probe's held-out F1 exceeds this.
+        min_letters: fewest letters passing ``min_probe_f1`` for absorption to be measured at all.
+        full_absorption_cos: least decoder cosine with the probe of the top-projecting latent (full absorption).
+        fraction_cos: least decoder cosine with the probe of an absorbing latent (absorption fraction).
+        projection_proportion: least share of the probe projection the absorbing latent(s) must carry.
+        max_absorbing_latents: most latents that may together absorb (absorption fraction).
+        subtract_b_dec: measure the probe projection P on ``x - b_dec`` (what the latents must explain) instead of
+            SAEBench's ``x``; with a large decoder bias SAEBench's share thresholds mix the bias in (at Gemma-3-270M's
+            block 6 the mean word activation projects between -149 and +196 on the 26 letter directions, against
+            a mean P of 113).
+    """
+
+    main_latents: Literal["per_k", "max_k"] = "per_k"
+    max_main_latents: int = 10
+    f1_jump_threshold: float = 0.03
+    l1_penalty: float = 0.01
+    min_probe_f1: float = 0.6
+    min_letters: int = 20
+    full_absorption_cos: float = 0.025
+    fraction_cos: float = 0.1
+    projection_proportion: float = 0.4
+    max_absorbing_latents: int = 3
+    subtract_b_dec: bool = False
+
+    def __post_init__(self) -> None:
+        if self.main_latents not in ("per_k", "max_k"):
+            raise ValueError(f"main_latents must be 'per_k' or 'max_k'; got {self.main_latents!r}")
+        _check_range("max_main_latents", self.max_main_latents, 1, 1000, integer=True)
+        _check_range("f1_jump_threshold", self.f1_jump_threshold, 0.0, 1.0)
+        _check_range("l1_penalty", self.l1_penalty, 0.0, 1e6, open_low=True)
+        _check_range("min_probe_f1", self.min_probe_f1, 0.0, 1.0)
+        _check_range("min_letters", self.min_letters, 1, len(LETTERS), integer=True)
+        _check_range("full_absorption_cos", self.full_absorption_cos, -1.0, 1.0)
+        _check_range("fraction_cos", self.fraction_cos, -1.0, 1.0)
+        _check_range("projection_proportion", self.projection_proportion, 0.0, 1.0)
+        _check_range("max_absorbing_latents", self.max_absorbing_latents, 1, 1000, integer=True)
+        if not isinstance(self.subtract_b_dec, bool):
+            raise ValueError(f"subtract_b_dec must be True or False; got {self.subtract_b_dec!r}")
+
+
+@dataclass(frozen=True, eq=False)  # eq would compare tensors
+class FirstLetterData:
+    """Residual-stream activations at each word's token; the first ``n_train`` rows train, the rest are held out.
+
+    Attributes:
+        words: ``[n]`` the words, with their leading space.
+        letters: ``[n]`` int64 class of each word's first letter (0 = a, ..., 25 = z).
+        activations: ``[n, d_in]`` float32 activations at the word's token.
+        n_train: rows ``:n_train`` train the probes, rows ``n_train:`` are held out.
+        model_name, hook_name: where the activations come from (checked against the SAE's hook).
+        n_dropped: prompts left out because the word was not 6 tokens before their end.
+    """
+
+    words: list[str]
+    letters: torch.Tensor
+    activations: torch.Tensor
+    n_train: int
+    model_name: str = ""
+    hook_name: str = ""
+    n_dropped: int = 0
+
+    def __post_init__(self) -> None:
+        n = len(self.words)
+        if self.activations.ndim != 2 or self.activations.shape[0] != n or not self.activations.is_floating_point():
+            raise ValueError(
+                f"activations must be floating point [n_words={n}, d_in]; got {self.activations.dtype} "
+                f"{tuple(self.activations.shape)}"
+            )
+        if self.letters.shape != (n,) or self.letters.is_floating_point():
+            raise ValueError(
+                f"letters must be integer [n_words={n}]; got {self.letters.dtype} {tuple(self.letters.shape)}"
+            )
+        if n and not 0 <= int(self.letters.min()) <= int(self.letters.max()) < len(LETTERS):
+            raise ValueError(
+                f"letters must be in 0..{len(LETTERS) - 1}; got {self.letters.min()}..{self.letters.max()}"
+            )
+        _check_range("n_train", self.n_train, 1, n - 1, integer=True)
+        if not torch.isfinite(self.activations).all():
+            raise ValueError("activations must be finite; got NaN or inf")
+
+    @property
+    def d_in(self) -> int:
+        return int(self.activations.shape[1])
+
+    @property
+    def train(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([n_train, d_in] activations, [n_train] letters)``."""
+        return self.activations[: self.n_train], self.letters[: self.n_train]
+
+    @property
+    def test(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([n_test, d_in] activations, [n_test] letters)`` of the held-out words."""
+        return self.activations[self.n_train :], self.letters[self.n_train :]
+
+
+@dataclass(frozen=True, eq=False)
+class FirstLetterProbe:
+    """The ground-truth probe: ``scores = x @ weight.T + bias`` (``[n, 26]``) on raw activations, and its held-out
+    quality (``accuracy``: top-1 over 26 letters; ``letter_f1``: per letter, F1 of ``score > 0``)."""
+
+    data: FirstLetterData
+    weight: torch.Tensor  # [26, d_in]
+    bias: torch.Tensor  # [26]
+    accuracy: float
+    letter_f1: list[float]
+
+    @classmethod
+    def from_weights(cls, data: FirstLetterData, weight: torch.Tensor, bias: torch.Tensor) -> FirstLetterProbe:
+        """A probe with given weights, scored on ``data``'s held-out words."""
+        if weight.shape != (len(LETTERS), data.d_in) or bias.shape != (len(LETTERS),):
+            raise ValueError(
+                f"weight must be [26, d_in={data.d_in}] and bias [26]; got {tuple(weight.shape)}, {tuple(bias.shape)}"
+            )
+        weight, bias = weight.float(), bias.float()
+        x_test, y_test = data.test
+        scores = x_test @ weight.T + bias
+        accuracy = float((scores.argmax(dim=1) == y_test).float().mean())
+        letter_f1 = [f1(y_test.numpy() == letter, scores[:, letter].numpy() > 0) for letter in range(len(LETTERS))]
+        return cls(data, weight, bias, accuracy, letter_f1)
+
+    @classmethod
+    def fit(cls, data: FirstLetterData, c: float = 1.0, progress: bool = True) -> FirstLetterProbe:
+        """Fit 26 balanced one-vs-rest logistic regressions (L2, strength ``c``) on ``data``'s training words.
+
+        They are fit on activations centred and divided by one global scale (lbfgs converges on Gemma's large,
+        uneven residual norms; the L2 penalty stays isotropic), then mapped back to raw activations.
+        """
+        _check_range("c", c, 0.0, 1e12, open_low=True)
+        x_train, y_train = data.train
+        mean = x_train.double().mean(dim=0)
+        scale = float((x_train.double() - mean).pow(2).mean().sqrt()) or 1.0
+        features = ((x_train.double() - mean) / scale).numpy()
+        weight = torch.zeros(len(LETTERS), data.d_in, dtype=torch.float64)
+        bias = torch.zeros(len(LETTERS), dtype=torch.float64)
+        labels = y_train.numpy()
+        for letter in tqdm(range(len(LETTERS)), desc="First-letter probe", leave=False, disable=not progress):
+            target = labels == letter
+            if not target.any():  # no training word of this letter: never predict it
+                bias[letter] = -1.0
+                continue
+            with threadpool_limits(1):  # BLAS threads only add overhead at these sizes (and on a shared CPU)
+                model = LogisticRegression(C=c, class_weight="balanced", max_iter=2000).fit(features, target)
+            weight[letter] = torch.from_numpy(model.coef_[0]) / scale
+            bias[letter] = float(model.intercept_[0]) - float(weight[letter] @ mean)
+        return cls.from_weights(data, weight, bias)
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """``[n, 26]`` probe logits of ``[n, d_in]`` activations; letter L is predicted where its score is > 0."""
+        return x.float() @ self.weight.T + self.bias
+
+    @property
+    def directions(self) -> torch.Tensor:
+        """``[26, d_in]`` unit probe directions."""
+        return self.weight / self.weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    def reliable_letters(self, min_f1: float) -> list[int]:
+        """Letters whose held-out F1 exceeds ``min_f1``: those absorption can be scored for."""
+        return [letter for letter, score in enumerate(self.letter_f1) if score > min_f1]
+
+
+def f1(truth: np.ndarray, predicted: np.ndarray) -> float:
+    """F1 of boolean predictions against boolean truth (0 when neither has a positive), as scikit-learn's
+    ``f1_score(..., zero_division=0)`` without its input checks, which dominate at these sizes."""
+    true_positives = int((truth & predicted).sum())
+    denominator = int(truth.sum()) + int(predicted.sum())
+    return 2 * true_positives / denominator if denominator else 0.0
+
+
+# ---- words, prompts and the cached activations ----------------------------------------------------------------
+
+
+def first_letter_vocabulary(tokenizer: Any) -> list[tuple[str, int]]:
+    """``(word, token id)`` for every single token that is a space followed by ASCII letters, by token id."""
+    words = []
+    for token, token_id in tokenizer.get_vocab().items():
+        text = tokenizer.convert_tokens_to_string([token])
+        if len(text) > 1 and text[0] == " " and text[1:].isascii() and text[1:].isalpha():
+            words.append((text, int(token_id)))
+    return sorted(words, key=lambda item: item[1])
+
+
+def first_letter_prompts(
+    vocabulary: Sequence[tuple[str, int]], task: FirstLetterTask
+) -> tuple[list[tuple[str, int, str]], int]:
+    """``([(word, token id, prompt)], n_train)``: words sampled and split per letter, train words first.
+
+    Each letter's words are shuffled with ``task.seed``; the first ``n_words_per_letter`` are kept and split by
+    ``train_fraction`` (at least one on each side). A prompt's in-context examples come from its word's split.
+    """
+    rng = random.Random(task.seed)
+    by_letter: dict[str, list[tuple[str, int]]] = {letter: [] for letter in LETTERS}
+    for word, token_id in vocabulary:
+        by_letter[word[1].lower()].append((word, token_id))
+    splits: tuple[list[tuple[str, int]], list[tuple[str, int]]] = ([], [])
+    for letter in LETTERS:
+        words = sorted(by_letter[letter], key=lambda item: item[1])
+        rng.shuffle(words)
+        words = words[: task.n_words_per_letter]
+        if len(words) < 2:
+            continue
+        n_train = min(max(round(len(words) * task.train_fraction), 1), len(words) - 1)
+        splits[0].extend(words[:n_train])
+        splits[1].extend(words[n_train:])
+    prompts = []
+    for split in splits:
+        rng.shuffle(split)
+        # Two tokens may spell the same word: count distinct spellings, so the example draw always ends.
+        n_examples = min(task.n_icl_examples, len(dict.fromkeys(word for word, _ in split)) - 1)
+        for word, token_id in split:
+            prompts.append((word, token_id, _icl_prompt(word, split, n_examples, rng)))
+    return prompts, len(splits[0])
+
+
+def _icl_prompt(word: str, pool: Sequence[tuple[str, int]], n_examples: int, rng: random.Random) -> str:
+    """``n_examples`` answered lines of distinct words from ``pool`` (never ``word``), then ``word``'s line
+    without its answer."""
+    examples: list[str] = []
+    while len(examples) < n_examples:
+        example = rng.choice(pool)[0]
+        if example != word and example not in examples:
+            examples.append(example)
+    lines = [f"{PROMPT_TEMPLATE.format(word=example)} {example[1].upper()}" for example in examples]
+    return "\n".join([*lines, PROMPT_TEMPLATE.format(word=word)])
+
+
+def first_letter_data(
+    model: HookedTransformer,
+    hook_name: str,
+    task: FirstLetterTask | None = None,
+    cache_root: str | Path | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> FirstLetterData:
+    """Activations at ``hook_name`` on the word token of each first-letter prompt, cached on disk.
+
+    The cache lives under ``cache_root`` (default: the package's activation cache root) in ``first_letter/``,
+    named by a digest of the model name, hook, task and every prompt, and is written whole or not at all, so
+    scoring many SAEs (and seeds) runs the model once. The forward pass stops after the hooked block.
+    """
+    task = task or FirstLetterTask()
+    if hook_name not in model.hook_dict:
+        raise ValueError(f"hook_name {hook_name!r} is not a hook of the model; choose one of model.hook_dict")
+    vocabulary = first_letter_vocabulary(model.tokenizer)
+    prompts, n_train = first_letter_prompts(vocabulary, task)
+    if n_train < 1 or len(prompts) - n_train < 1:
+        raise ValueError(f"the tokenizer has too few single-token words to split ({len(vocabulary)} found)")
+    key = {
+        "format": _CACHE_FORMAT,
+        "model_name": model.cfg.model_name,
+        "hook_name": hook_name,
+        "task": asdict(task),
+        "prompts": hashlib.sha256("\0".join(p for _, _, p in prompts).encode()).hexdigest(),
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(cache_root) if cache_root is not None else DEFAULT_CACHE_ROOT
+    directory = root / _CACHE_SUBDIR / f"{model.cfg.model_name}-{hook_name}-{digest}".replace("/", "_")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(directory.with_name(f".{directory.name}.lock")):
+        if not (directory / _MANIFEST_FILE).is_file():
+            activations, keep = _word_activations(model, hook_name, prompts, batch_size, progress)
+            kept_words = [word for (word, _, _), kept in zip(prompts, keep, strict=True) if kept]
+            manifest = {"key": key, "words": kept_words, "n_train": int(sum(keep[:n_train]))}
+            manifest["n_dropped"] = len(prompts) - len(kept_words)
+            letters = torch.tensor([LETTERS.index(word[1].lower()) for word in kept_words], dtype=torch.long)
+
+            def write(scratch: Path) -> None:
+                save_file({"activations": activations.contiguous(), "letters": letters}, scratch / _TENSORS_FILE)
+                write_json_atomically(scratch / _MANIFEST_FILE, manifest)
+
+            write_new_directory(directory, write)
+        manifest = json.loads((directory / _MANIFEST_FILE).read_text())
+        if manifest["key"] != key:
+            raise ValueError(f"first-letter cache {directory} holds a different key: {manifest['key']}")
+        tensors = load_file(directory / _TENSORS_FILE)
+    return FirstLetterData(
+        words=manifest["words"],
+        letters=tensors["letters"],
+        activations=tensors["activations"],
+        n_train=manifest["n_train"],
+        model_name=model.cfg.model_name,
+        hook_name=hook_name,
+        n_dropped=manifest["n_dropped"],
+    )
+
+
+@torch.no_grad()
+def _word_activations(
+    model: HookedTransformer,
+    hook_name: str,
+    prompts: Sequence[tuple[str, int, str]],
+    batch_size: int,
+    progress: bool,
+) -> tuple[torch.Tensor, list[bool]]:
+    """``([kept, d_in] float32 activations at each kept prompt's word token, [prompts] kept flags)``.
+
+    Prompts are tokenized alone (BOS first) and right-padded in batches: attention is causal, so padding after the
+    word cannot change its activation.
+    """
+    tokenizer = model.tokenizer
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    token_lists = []
+    keep = []
+    for _, token_id, prompt in prompts:
+        ids = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        kept = len(ids) >= -WORD_TOKEN_POSITION and ids[WORD_TOKEN_POSITION] == token_id
+        keep.append(kept)
+        if kept:
+            token_lists.append(ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    chunks = []
+    with tqdm(total=sum(map(len, token_lists)), desc="First-letter prompts", unit="tok", disable=not progress) as bar:
+        for start in range(0, len(token_lists), batch_size):
+            batch = token_lists[start : start + batch_size]
+            width = max(map(len, batch))
+            tokens = torch.tensor([ids + [pad] * (width - len(ids)) for ids in batch])
+            acts = hook_activations(model, tokens, hook_name, batch_size=batch_size)  # [batch, width, d_in]
+            positions = torch.tensor([len(ids) + WORD_TOKEN_POSITION for ids in batch])
+            chunks.append(acts[torch.arange(len(batch)), positions].float())
+            bar.update(sum(map(len, batch)))
+    activations = torch.cat(chunks) if chunks else torch.zeros(0, model.cfg.d_model)
+    return activations, keep
+
+
+def first_letter_probe(
+    model: HookedTransformer,
+    hook_name: str,
+    task: FirstLetterTask | None = None,
+    cache_root: str | Path | None = None,
+    probe_c: float = 1.0,
+    progress: bool = True,
+) -> FirstLetterProbe:
+    """The ground-truth first-letter probe at ``hook_name`` (activations cached, see :func:`first_letter_data`).
+
+    ``probe.accuracy`` is its held-out top-1 accuracy over 26 letters; ``probe.letter_f1`` each letter's F1.
+    """
+    data = first_letter_data(model, hook_name, task, cache_root, progress=progress)
+    return FirstLetterProbe.fit(data, probe_c, progress)
+
+
+# ---- absorption ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LetterAbsorption:
+    """One letter at one budget: its main latents (and their k-sparse probe's held-out F1), the number of held-out
+    words of the letter that the probe calls that letter, and the absorption among them."""
+
+    letter: str
+    main_latents: list[int]
+    main_f1: float
+    n_probe_true_positives: int
+    n_full_absorption: int
+    full_absorption_rate: float
+    mean_absorption_fraction: float
+
+
+@dataclass(frozen=True)
+class AbsorptionAtK:
+    """Absorption at budget ``k``: means over the ``n_letters_scored`` letters (see the module docstring).
+
+    ``mean_main_f1`` is the main latents' k-sparse probe F1: how well any latents at this budget track letters at
+    all (absorption is only meaningful where they do).
+    """
+
+    k: int
+    full_absorption_rate: float
+    absorption_fraction: float
+    mean_split_features: float
+    mean_main_f1: float
+    n_letters_scored: int
+    letters: list[LetterAbsorption] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AbsorptionResults:
+    """An SAE's absorption at each budget, with the probe it was measured against; JSON via ``to_dict``."""
+
+    model_name: str
+    hook_name: str
+    probe_accuracy: float
+    probe_letter_f1: list[float]
+    n_train_words: int
+    n_test_words: int
+    main_latents: str
+    subtract_b_dec: bool
+    per_k: list[AbsorptionAtK]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, payload: Mapping[str, Any]) -> AbsorptionResults:
+        per_k = [
+            AbsorptionAtK(**{**row, "letters": [LetterAbsorption(**letter) for letter in row["letters"]]})
+            for row in payload["per_k"]
+        ]
+        return cls(**{**payload, "per_k": per_k})
+
+    def at(self, k: int) -> AbsorptionAtK:
+        """The results at budget ``k``."""
+        for row in self.per_k:
+            if row.k == k:
+                return row
+        raise ValueError(f"k must be one of the evaluated budgets {[row.k for row in self.per_k]}; got {k!r}")
+
+
+def latent_probe_projections(sae: SAE[Any], directions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([d_sae, n] projection per unit activation, [d_sae, n] decoder cosine)`` with ``[n, d_in]`` unit directions.
+
+    A latent with activation a adds ``a * W_dec[i]`` to the reconstruction (``a * W_dec[i] / |W_dec[i]|`` when the
+    SAE rescales activations by decoder norms), so its probe projection is a times the first tensor.
+    """
+    w_dec = sae.W_dec.detach().float().cpu()
+    norms = w_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    cosine = (w_dec / norms) @ directions.T
+    per_unit = cosine if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False) else w_dec @ directions.T
+    return per_unit, cosine
+
+
+def _scaled_sparse(acts: torch.Tensor, scale: float) -> scipy.sparse.csr_matrix:
+    return scipy.sparse.csr_matrix((acts / scale).numpy().astype(np.float64))
+
+
+def select_main_latents(
+    train_acts: torch.Tensor,
+    train_letters: torch.Tensor,
+    test_acts: torch.Tensor,
+    test_letters: torch.Tensor,
+    letters: Sequence[int],
+    config: AbsorptionConfig,
+) -> dict[int, tuple[list[int], float]]:
+    """``{letter: (main latents, their k-sparse probe's held-out F1)}`` by SAEBench's k-sparse probing.
+
+    ``train_acts`` ``[n_train, d_sae]`` and ``test_acts`` ``[n_test, d_sae]`` are the SAE's latent activations.
+    """
+    nonzero = train_acts[train_acts != 0].abs()
+    scale = float(nonzero.mean()) if nonzero.numel() else 1.0
+    train_sparse = _scaled_sparse(train_acts, scale)
+    test_scaled = (test_acts / scale).numpy().astype(np.float64)
+    c = 1.0 / (config.l1_penalty * train_acts.shape[0])
+    with threadpool_limits(1):  # BLAS threads only add overhead at these sizes (and on a shared CPU)
+        return {
+            letter: _main_latents_of_letter(
+                train_sparse,
+                (train_letters == letter).numpy(),
+                test_scaled,
+                (test_letters == letter).numpy(),
+                c,
+                config,
+            )
+            for letter in letters
+        }
+
+
+def _main_latents_of_letter(
+    train_sparse: scipy.sparse.csr_matrix,
+    y_train: np.ndarray,
+    test_scaled: np.ndarray,
+    y_test: np.ndarray,
+    c: float,
+    config: AbsorptionConfig,
+) -> tuple[list[int], float]:
+    """One letter's main latents and their k-sparse probe's held-out F1 (see :func:`select_main_latents`)."""
+    ranking = np.arange(train_sparse.shape[1])
+    if y_train.any() and not y_train.all():
+        l1 = LogisticRegression(solver="liblinear", C=c, class_weight="balanced", **_L1).fit(train_sparse, y_train)
+        ranking = np.argsort(-l1.coef_[0], kind="stable")
+    best_f1, best_latents = -math.inf, [int(ranking[0])]
+    for n in range(1, min(config.max_main_latents, len(ranking)) + 1):
+        latents = ranking[:n]
+        score = _sparse_probe_f1(train_sparse[:, latents].toarray(), y_train, test_scaled[:, latents], y_test)
+        if score <= best_f1 + config.f1_jump_threshold:
+            break
+        best_f1, best_latents = score, [int(latent) for latent in latents]
+    return best_latents, float(best_f1)
+
+
+def _sparse_probe_f1(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> float:
+    """Held-out F1 (``score > 0``) of a balanced logistic regression on a few latents' activations."""
+    if not y_train.any() or y_train.all() or not x_train.any():
+        return 0.0
+    probe = LogisticRegression(class_weight="balanced", max_iter=500).fit(x_train, y_train)
+    return f1(y_test, probe.decision_function(x_test) > 0)
+
+
+def word_absorption(
+    acts: torch.Tensor,
+    probe_projection: torch.Tensor,
+    per_unit: torch.Tensor,
+    cosine: torch.Tensor,
+    main: Sequence[int],
+    config: AbsorptionConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([words] full absorption flags, [words] absorption fractions)`` for one letter.
+
+    Args:
+        acts: ``[words, d_sae]`` latent activations of the letter's probe true positives.
+        probe_projection: ``[words]`` each activation's projection on the letter's unit probe direction (P).
+        per_unit: ``[d_sae]`` each latent's probe projection per unit activation.
+        cosine: ``[d_sae]`` each latent's decoder cosine with the probe direction.
+        main: the letter's main latents.
+    """
+    projections = acts.float() * per_unit  # [words, d_sae]
+    is_main = torch.zeros(acts.shape[1], dtype=torch.bool)
+    is_main[list(main)] = True
+    total = probe_projection.float()
+    main_projection = projections[:, is_main].sum(dim=1)
+    main_silent = (acts[:, is_main].abs() < FIRING_EPS).all(dim=1)
+    top_projection, top_latent = projections.max(dim=1)
+    positive_total = total > 0
+    safe_total = torch.where(positive_total, total, torch.ones_like(total))
+    full = (
+        main_silent
+        & positive_total
+        & (cosine[top_latent] >= config.full_absorption_cos)
+        & (top_projection / safe_total >= config.projection_proportion)
+    )
+    candidates = (~is_main & (cosine >= config.fraction_cos)).expand_as(projections) & (projections > 0)
+    absorber_projections = torch.where(candidates, projections, torch.zeros_like(projections))
+    n_absorbers = min(config.max_absorbing_latents, acts.shape[1])
+    absorbed_total = absorber_projections.topk(n_absorbers, dim=1).values.sum(dim=1)
+    absorbed = torch.minimum(absorbed_total, total - main_projection)
+    partial = (absorbed / (absorbed + main_projection)).clamp(0.0, 1.0)
+    fraction = torch.where(main_projection <= 0, torch.ones_like(total), partial)
+    no_absorption = (
+        ~positive_total | (main_projection >= total) | (absorbed_total / safe_total < config.projection_proportion)
+    )
+    fraction = torch.where(no_absorption, torch.zeros_like(fraction), fraction)
+    return full, fraction
+
+
+@torch.no_grad()
+def absorption_over_k(
+    sae: SAE[Any],
+    probe: FirstLetterProbe,
+    ks: list[int] | None = None,
+    config: AbsorptionConfig | None = None,
+    progress: bool = True,
+) -> AbsorptionResults:
+    """Feature absorption of ``sae`` at each budget in ``ks`` (default: powers of two below K, and K).
+
+    ``probe`` (from :func:`first_letter_probe`) carries the activations at the SAE's hook. Raises ``ValueError``
+    when fewer than ``config.min_letters`` letters have a held-out probe F1 above ``config.min_probe_f1``: the
+    model's residual stream does not carry first-letter information well enough to score absorption.
+    """
+    config = config or AbsorptionConfig()
+    data = probe.data
+    if sae.cfg.d_in != data.d_in:
+        raise ValueError(f"the SAE's d_in must equal the probe activations' width {data.d_in}; got {sae.cfg.d_in}")
+    sae_hook = getattr(sae.cfg.metadata, "hook_name", None)
+    if data.hook_name and sae_hook and sae_hook != data.hook_name:
+        raise ValueError(f"the SAE's hook {sae_hook!r} must be the probe's hook {data.hook_name!r}")
+    if sae.cfg.normalize_activations not in ("none", "expected_average_only_in"):
+        raise ValueError(
+            f"normalize_activations must be 'none' (or a folded 'expected_average_only_in'); got "
+            f"{sae.cfg.normalize_activations!r}"
+        )
+    ks = resolve_budgets(sae, ks)
+    letters = probe.reliable_letters(config.min_probe_f1)
+    if len(letters) < config.min_letters:
+        raise ValueError(
+            f"the probe is too weak to score absorption: {len(letters)} letters have held-out F1 > "
+            f"{config.min_probe_f1} (need min_letters={config.min_letters}, at most 26); accuracy {probe.accuracy:.3f}"
+        )
+    directions = probe.directions
+    per_unit, cosine = latent_probe_projections(sae, directions)
+    x_train, train_letters = data.train
+    x_test, test_letters = data.test
+    predicted = probe.scores(x_test) > 0  # [n_test, 26]
+    inputs = x_test.float() - (sae.b_dec.detach().float().cpu() if config.subtract_b_dec else 0.0)
+    probe_projection = inputs @ directions.T  # [n_test, 26]: P
+    device, dtype = sae.W_dec.device, sae.W_dec.dtype
+
+    def activations_at(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([n_train, d_sae], [n_test, d_sae])`` latent activations at budget k."""
+        train, test = (latent_activations(sae, x.to(device, dtype), k).float().cpu() for x in (x_train, x_test))
+        return train, test
+
+    def main_latents_of(acts: tuple[torch.Tensor, torch.Tensor]) -> dict[int, tuple[list[int], float]]:
+        return select_main_latents(acts[0], train_letters, acts[1], test_letters, letters, config)
+
+    fixed_main = main_latents_of(activations_at(ks[-1])) if config.main_latents == "max_k" else None
+    per_k = []
+    for k in tqdm(ks, desc="Absorption over k", disable=not progress):
+        train_acts, test_acts = activations_at(k)
+        main = fixed_main if fixed_main is not None else main_latents_of((train_acts, test_acts))
+        scored = []
+        for letter in letters:
+            positives = (test_letters == letter) & predicted[:, letter]
+            n_positive = int(positives.sum())
+            if n_positive == 0:
+                continue
+            full, fraction = word_absorption(
+                test_acts[positives], probe_projection[positives, letter], per_unit[:, letter], cosine[:, letter],
+                main[letter][0], config,
+            )  # fmt: skip
+            scored.append(
+                LetterAbsorption(
+                    letter=LETTERS[letter],
+                    main_latents=main[letter][0],
+                    main_f1=main[letter][1],
+                    n_probe_true_positives=n_positive,
+                    n_full_absorption=int(full.sum()),
+                    full_absorption_rate=float(full.sum()) / n_positive,
+                    mean_absorption_fraction=float(fraction.sum()) / n_positive,
+                )
+            )
+        per_k.append(
+            AbsorptionAtK(
+                k=k,
+                full_absorption_rate=_mean([row.full_absorption_rate for row in scored]),
+                absorption_fraction=_mean([row.mean_absorption_fraction for row in scored]),
+                mean_split_features=_mean([len(row.main_latents) for row in scored]),
+                mean_main_f1=_mean([row.main_f1 for row in scored]),
+                n_letters_scored=len(scored),
+                letters=scored,
+            )
+        )
+    return AbsorptionResults(
+        model_name=data.model_name,
+        hook_name=data.hook_name,
+        probe_accuracy=probe.accuracy,
+        probe_letter_f1=list(probe.letter_f1),
+        n_train_words=data.n_train,
+        n_test_words=len(data.words) - data.n_train,
+        main_latents=config.main_latents,
+        subtract_b_dec=config.subtract_b_dec,
+        per_k=per_k,
+    )
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")
+
+
+def absorption_for_saes(
+    saes: Mapping[str, tuple[SAE[Any], list[int] | None]],
+    probe: FirstLetterProbe,
+    config: AbsorptionConfig | None = None,
+    progress: bool = True,
+) -> dict[str, AbsorptionResults]:
+    """:func:`absorption_over_k` for each ``name: (sae, ks)``, all against one probe (activations computed once)."""
+    return {
+        name: absorption_over_k(sae, probe, ks, config, progress)
+        for name, (sae, ks) in tqdm(saes.items(), desc="SAEs", disable=not progress)
+    }
+
+
+# ---- aggregation, table, plot --------------------------------------------------------------------------------
+
+# (field of AbsorptionAtK, table label, plot axis label)
+_METRICS = (
+    ("full_absorption_rate", "full absorption", "full absorption rate (lower is better)"),
+    ("absorption_fraction", "absorption fraction", "mean absorption fraction (lower is better)"),
+    ("mean_main_f1", "main-latent F1", "main latents' k-sparse probe F1"),
+)
+
+
+def aggregate_absorption(runs: Sequence[AbsorptionResults]) -> list[dict[str, float]]:
+    """Per budget evaluated in every run (e.g. seeds): each metric's mean and half its range, and the letter count.
+
+    Rows: ``{"k", "<metric>", "<metric>_half_range", ..., "n_letters_scored" (mean), "n_runs"}`` for the metrics
+    ``full_absorption_rate``, ``absorption_fraction`` and ``mean_main_f1``.
+    """
+    if not runs:
+        raise ValueError("runs must hold at least one AbsorptionResults; got none")
+    common = sorted(set.intersection(*({row.k for row in run.per_k} for run in runs)))
+    rows = []
+    for k in common:
+        at_k = [run.at(k) for run in runs]
+        row: dict[str, float] = {"k": k, "n_runs": len(runs)}
+        for metric, _, _ in _METRICS:
+            values = [getattr(result, metric) for result in at_k]
+            row[metric] = float(np.mean(values))
+            row[f"{metric}_half_range"] = (max(values) - min(values)) / 2
+        row["n_letters_scored"] = float(np.mean([result.n_letters_scored for result in at_k]))
+        rows.append(row)
+    return rows
+
+
+def _as_runs(
+    results: Mapping[str, AbsorptionResults | Sequence[AbsorptionResults]],
+) -> dict[str, list[dict[str, float]]]:
+    return {
+        name: aggregate_absorption([value] if isinstance(value, AbsorptionResults) else list(value))
+        for name, value in results.items()
+    }
+
+
+def format_absorption_table(results: Mapping[str, AbsorptionResults | Sequence[AbsorptionResults]]) -> str:
+    """Markdown, one row per budget and three columns per SAE (full absorption rate, absorption fraction, and the
+    main latents' k-sparse probe F1, which says whether any latent tracks letters at that budget).
+
+    ``results`` maps a name to one run or to several (seeds), shown as mean +- half the range. The letter counts
+    scored are given per SAE in the last column.
+    """
+    aggregated = _as_runs(results)
+    names = list(aggregated)
+    ks = sorted({row["k"] for rows in aggregated.values() for row in rows})
+    header = ["k"] + [f"{label}: {name}" for _, label, _ in _METRICS for name in names]
+    lines = ["| " + " | ".join(header) + " | letters scored |", "|" + "---:|" * (len(header) + 1)]
+    for k in ks:
+        by_name = {name: next((row for row in rows if row["k"] == k), None) for name, rows in aggregated.items()}
+        cells = [str(int(k))]
+        for metric, _, _ in _METRICS:
+            for name in names:
+                row = by_name[name]
+                cells.append(
+                    "" if row is None else _with_spread(row[metric], row[f"{metric}_half_range"], row["n_runs"])
+                )
+        counts = ", ".join("" if row is None else f"{row['n_letters_scored']:.0f}" for row in by_name.values())
+        lines.append("| " + " | ".join(cells) + f" | {counts} |")
+    return "\n".join(lines)
+
+
+def _with_spread(value: float, half_range: float, n_runs: float) -> str:
+    return f"{value:.3f}" if n_runs < 2 else f"{value:.3f} ± {half_range:.3f}"
+
+
+def plot_absorption(
+    results: Mapping[str, AbsorptionResults | Sequence[AbsorptionResults]],
+    path: str | Path,
+    title: str = "Feature absorption (first-letter task)",
+) -> Path:
+    """A PNG at ``path``: full absorption rate, absorption fraction and main-latent F1 against k (log-x), one line per
+    SAE, error bars of half the range over runs. Built without pyplot (no global state, any backend)."""
+    from matplotlib.figure import Figure
+
+    aggregated = _as_runs(results)
+    figure = Figure(figsize=(14, 3.8))
+    axes = figure.subplots(1, len(_METRICS))
+    for axis, (metric, _, label) in zip(axes, _METRICS, strict=True):
+        for name, rows in aggregated.items():
+            ks = [row["k"] for row in rows]
+            axis.errorbar(
+                ks, [row[metric] for row in rows], yerr=[row[f"{metric}_half_range"] for row in rows],
+                marker="o", capsize=3, label=name,
+            )  # fmt: skip
+        all_ks = sorted({row["k"] for rows in aggregated.values() for row in rows})
+        axis.set(xscale="log", xlabel="budget k", ylabel=label, ylim=(0, None))
+        axis.set_xticks(all_ks, [str(int(k)) for k in all_ks])
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.suptitle(title)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=120)
+    return path
+
+
+__all__ = [
+    "LETTERS",
+    "AbsorptionAtK",
+    "AbsorptionConfig",
+    "AbsorptionResults",
+    "FirstLetterData",
+    "FirstLetterProbe",
+    "FirstLetterTask",
+    "LetterAbsorption",
+    "absorption_for_saes",
+    "absorption_over_k",
+    "aggregate_absorption",
+    "first_letter_data",
+    "first_letter_probe",
+    "first_letter_prompts",
+    "first_letter_vocabulary",
+    "format_absorption_table",
+    "latent_probe_projections",
+    "plot_absorption",
+    "select_main_latents",
+    "word_absorption",
+]
