@@ -9,6 +9,7 @@ sae-lens-hierarchical compare                    # HTopK vs TopK at each k, trun
 sae-lens-hierarchical export results/gemma-3-270m/sae --k 16 topk_k16  # a plain SAELens TopK SAE at k=16
 sae-lens-hierarchical upload results/gemma-3-270m/sae owner/name --topk-ks 8,32 --dry-run repo_preview
 sae-lens-hierarchical inspect results/gemma-3-270m/sae --ks 4,16,64   # latent dashboards: a static site
+sae-lens-hierarchical interpret results/seed0 results/seed1 --output-dir interp  # probing/absorption per k
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from sae_lens import SAE, LanguageModelSAERunnerConfig, LanguageModelSAETraining
 
 from sae_lens_hierarchical.data import DEFAULT_CACHE_ROOT
 from sae_lens_hierarchical.evaluation import format_markdown_table
+from sae_lens_hierarchical.interpretability.probing import DEFAULT_NS
 from sae_lens_hierarchical.jobs import (
     BASELINES,
     apply_overrides,
@@ -33,6 +35,7 @@ from sae_lens_hierarchical.jobs import (
     write_report,
 )
 from sae_lens_hierarchical.jobs.inspect import default_dashboard_dir, run_inspect_job
+from sae_lens_hierarchical.jobs.interpret import MEASURES, run_interpret_job
 from sae_lens_hierarchical.loading import load_sae
 from sae_lens_hierarchical.presets import PRESETS, Preset, get_preset
 from sae_lens_hierarchical.sharing import save_as_topk, save_as_topk_variants, upload
@@ -72,6 +75,14 @@ def _latents(text: str) -> list[int]:
             raise argparse.ArgumentTypeError(f"a range must be low-high with 0 <= low <= high; got {part!r}")
         latents += range(low, high + 1)
     return latents
+
+
+def _measures(text: str) -> tuple[str, ...]:
+    names = tuple(part for part in text.split(",") if part)
+    unknown = sorted(set(names) - set(MEASURES))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown measures {unknown}; allowed: {list(MEASURES)}")
+    return names
 
 
 def _baselines(text: str) -> tuple[str, ...]:
@@ -217,6 +228,19 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--output-dir", type=Path, help="new directory (default <SAE_DIR>-dashboard beside the SAE)")
     inspect.add_argument("--device", default="cpu")
     inspect.add_argument("--overwrite", action="store_true", help="replace an existing dashboard directory")
+
+    interpret = commands.add_parser(
+        "interpret", help="sparse probing, feature absorption and coarse-to-fine at every k for compare runs (seeds)"
+    )
+    interpret.add_argument("comparisons", nargs="+", type=Path, help="compare output directories, one per seed")
+    interpret.add_argument("--output-dir", type=Path, required=True, help="new directory for interpret.md/.json/PNGs")
+    interpret.add_argument(
+        "--measures", type=_measures, default=MEASURES, help=f"comma-separated, from {','.join(MEASURES)}"
+    )
+    interpret.add_argument("--ns", type=_budgets, default=list(DEFAULT_NS), help="latents per sparse probe")
+    interpret.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_ROOT)
+    interpret.add_argument("--device", default="cpu")
+    interpret.add_argument("--overwrite", action="store_true", help="replace an existing results directory")
     return parser
 
 
@@ -320,6 +344,20 @@ def _compare(args: argparse.Namespace) -> None:
     print(f"\nSAEs in {result.output_dir / 'saes'}; report in {result.output_dir}. Took {result.seconds / 60:.1f} min.")
 
 
+def _interpret(args: argparse.Namespace) -> None:
+    run_interpret_job(
+        args.comparisons,
+        args.output_dir,
+        measures=args.measures,
+        ns=args.ns,
+        cache_root=args.cache_dir,
+        device=args.device,
+        overwrite=args.overwrite,
+    )
+    print((args.output_dir / "interpret.md").read_text())
+    print(f"Report, plots and per-SAE JSON in {args.output_dir}.")
+
+
 def _export(args: argparse.Namespace) -> None:
     sae = load_sae(args.sae, args.sae_id)
     source = args.sae if args.sae_id is None else f"{args.sae}/{args.sae_id}"
@@ -367,6 +405,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "cache": _cache,
         "evaluate": _evaluate,
         "compare": _compare,
+        "interpret": _interpret,
         "export": _export,
         "upload": _upload,
         "inspect": _inspect,

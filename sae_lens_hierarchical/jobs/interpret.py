@@ -1,0 +1,211 @@
+"""The ``interpret`` job: every SAE of one or more ``compare`` runs (seeds) scored for interpretability at every k.
+
+The baseline suite's lines (HierarchicalTopK at every k, TopK trained at each k, TopK@K truncated, Multi-TopK) get
+sparse probing (Wikipedia topic, language identity), first-letter feature absorption and, for SAEs with a ranking
+to read, the coarse-to-fine view, all on identical documents and prompts (cached once per model and hook). Each
+comparison directory is one seed; a line's score at k is the mean over seeds with half the range as its spread.
+The "TopK trained at k" line is assembled per seed from its SAEs, each at its own k (the TopK SAE trained at K
+counts there at k = K only, as in the comparison itself).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from sae_lens_hierarchical._files import scratch_beside, write_json_atomically
+from sae_lens_hierarchical.data.activation_cache import DEFAULT_CACHE_ROOT
+from sae_lens_hierarchical.interpretability.absorption import (
+    AbsorptionResults,
+    absorption_over_k,
+    first_letter_probe,
+    format_absorption_table,
+    plot_absorption,
+)
+from sae_lens_hierarchical.interpretability.coarse_to_fine import (
+    CoarseToFine,
+    coarse_to_fine,
+    format_coarse_to_fine_table,
+    plot_coarse_to_fine,
+)
+from sae_lens_hierarchical.interpretability.documents import labelled_documents
+from sae_lens_hierarchical.interpretability.probing import (
+    DEFAULT_NS,
+    SparseProbingResults,
+    format_probing_table,
+    plot_sparse_probing,
+    residual_probing,
+    sparse_probing,
+)
+from sae_lens_hierarchical.jobs.common import check_output_dir, finish_job
+from sae_lens_hierarchical.loading import load_sae
+from sae_lens_hierarchical.presets import get_preset
+from sae_lens_hierarchical.reporting import family_label
+
+MEASURES = ("probing", "absorption", "coarse_to_fine")
+# Lines whose SAEs rank latents up to K: the coarse-to-fine view reads their ranks.
+_RANKED_FAMILIES = ("hierarchical", "topk_truncated", "multi_topk")
+
+
+@dataclass(frozen=True)
+class SuiteSae:
+    """One SAE of a comparison run, as its ``comparison.json`` records it."""
+
+    seed_dir: Path
+    name: str
+    family: str
+    line: str
+    ks: list[int]
+
+    @property
+    def path(self) -> Path:
+        return self.seed_dir / "saes" / self.name
+
+
+def read_suite(comparison_dir: Path) -> tuple[str, list[SuiteSae]]:
+    """The preset name and the SAEs of one ``compare`` output directory."""
+    report, job = comparison_dir / "comparison.json", comparison_dir / "job.json"
+    if not report.is_file() or not job.is_file():
+        raise ValueError(f"{comparison_dir} is not a finished compare run (no comparison.json and job.json)")
+    saes = []
+    for name, entry in json.loads(report.read_text())["saes"].items():
+        objective = entry.get("objective")
+        line = entry["family"] if objective is None else f"{entry['family']}:{objective}"
+        saes.append(SuiteSae(comparison_dir, name, entry["family"], line, [row["k"] for row in entry["results"]]))
+    return json.loads(job.read_text())["preset"], saes
+
+
+def run_interpret_job(
+    comparison_dirs: Sequence[Path],
+    output_dir: Path,
+    measures: Sequence[str] = MEASURES,
+    ns: Sequence[int] = DEFAULT_NS,
+    cache_root: Path = DEFAULT_CACHE_ROOT,
+    device: str = "cpu",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score every SAE of ``comparison_dirs`` (one per seed) and write ``interpret.md``/``.json`` and a PNG per measure.
+
+    Returns the JSON payload: per seed directory and SAE, each measure's results.
+    """
+    unknown = sorted(set(measures) - set(MEASURES))
+    if unknown or not measures:
+        raise ValueError(f"measures must be a non-empty subset of {list(MEASURES)}; got {list(measures)}")
+    if not comparison_dirs:
+        raise ValueError("give at least one compare output directory (one per seed)")
+    check_output_dir(output_dir, overwrite)
+    started = time.perf_counter()
+    suites = [read_suite(Path(directory)) for directory in comparison_dirs]
+    presets = sorted({preset for preset, _ in suites})
+    if len(presets) != 1:
+        raise ValueError(f"the compare runs must share one preset; got {presets}")
+    preset = get_preset(presets[0])
+    model = preset.load_model(device)
+    documents = probe = ceiling = None
+    if "probing" in measures or "coarse_to_fine" in measures:
+        documents = labelled_documents(model, preset.hook_name, cache_root=cache_root, progress=progress)
+    if "probing" in measures:
+        ceiling = residual_probing(documents, ns)
+    if "absorption" in measures:
+        probe = first_letter_probe(model, preset.hook_name, cache_root=cache_root, progress=progress)
+    scores: dict[str, dict[str, dict[str, Any]]] = {}
+    for _, saes in suites:
+        for member in saes:
+            sae = load_sae(member.path, device=device)
+            entry: dict[str, Any] = {}
+            if ceiling is not None:
+                entry["probing"] = sparse_probing(
+                    sae, documents, ks=member.ks, ns=ns, ceiling=ceiling, name=member.name, progress=progress
+                )
+            if probe is not None:
+                entry["absorption"] = absorption_over_k(sae, probe, member.ks, progress=progress)
+            if documents is not None and "coarse_to_fine" in measures and member.family in _RANKED_FAMILIES:
+                entry["coarse_to_fine"] = coarse_to_fine(sae, documents, name=member.name, progress=progress)
+            scores.setdefault(str(member.seed_dir), {})[member.name] = entry
+    lines = _lines_by_seed(suites, scores)
+    payload = {
+        str(seed): {
+            name: {measure: result.to_dict() for measure, result in entry.items()} for name, entry in by.items()
+        }
+        for seed, by in scores.items()
+    }
+    with scratch_beside(output_dir) as scratch:
+        _write_report(scratch, lines, preset.name, len(suites))
+        write_json_atomically(scratch / "interpret.json", payload)
+        job = {"comparison_dirs": [str(d) for d in comparison_dirs], "measures": list(measures), "ns": list(ns)}
+        finish_job(scratch, output_dir, job | {"preset": preset.name}, started)
+    return payload
+
+
+def _lines_by_seed(
+    suites: list[tuple[str, list[SuiteSae]]], scores: dict[str, dict[str, dict[str, Any]]]
+) -> dict[str, dict[str, list[Any]]]:
+    """``{measure: {line label: [one result per seed]}}``; the fixed-k TopK SAEs of a seed merged into one result
+    holding each SAE at its own k, joined by the TopK SAE trained at K at k = K."""
+    lines: dict[str, dict[str, list[Any]]] = {}
+    for _, saes in suites:
+        for measure in MEASURES:
+            per_line: dict[str, list[Any]] = {}
+            for member in saes:
+                result = scores[str(member.seed_dir)][member.name].get(measure)
+                if result is None:
+                    continue
+                per_line.setdefault(member.line, []).append(result)
+                if member.family == "topk_truncated" and measure != "coarse_to_fine":
+                    per_line.setdefault("topk_fixed", []).append(_at_budget(result, member.ks[-1]))
+            for line, results in per_line.items():
+                merged = results[0] if len(results) == 1 else _merge_budgets(results)
+                lines.setdefault(measure, {}).setdefault(family_label(line), []).append(merged)
+    return lines
+
+
+def _at_budget(result: SparseProbingResults | AbsorptionResults, k: int) -> Any:
+    if isinstance(result, SparseProbingResults):
+        return result.at([k])
+    return replace(result, per_k=[row for row in result.per_k if row.k == k])
+
+
+def _merge_budgets(results: list[Any]) -> Any:
+    """One result holding every budget of ``results`` (SAEs of one line, each scored at other budgets)."""
+    first = results[0]
+    if isinstance(first, SparseProbingResults):
+        scores = [score for result in results for score in result.scores]
+        ks = sorted({k for result in results for k in result.ks})
+        return replace(first, name=first.name, ks=ks, scores=scores)
+    rows = sorted((row for result in results for row in result.per_k), key=lambda row: row.k)
+    return replace(first, per_k=rows)
+
+
+def _write_report(directory: Path, lines: dict[str, dict[str, list[Any]]], preset: str, n_seeds: int) -> None:
+    """``interpret.md`` (one table per measure and task) and ``probing.png`` / ``absorption.png`` /
+    ``coarse_to_fine.png``."""
+    spread = f"mean ± half the range over {n_seeds} seed(s)" if n_seeds > 1 else "one seed"
+    sections = [f"# Interpretability at every k: {preset} ({spread})"]
+    if "probing" in lines:
+        probing: dict[str, list[SparseProbingResults]] = lines["probing"]
+        tasks = next(iter(probing.values()))[0].tasks
+        for task in tasks:
+            sections.append(f"## Sparse probing, {task} (held-out accuracy)\n\n{format_probing_table(probing, task)}")
+        plot_sparse_probing(probing, directory / "probing.png", title=f"Sparse probing, {preset} ({spread})")
+    if "absorption" in lines:
+        absorption: dict[str, list[AbsorptionResults]] = lines["absorption"]
+        accuracy = next(iter(absorption.values()))[0].probe_accuracy
+        sections.append(
+            f"## Feature absorption (first letter; ground-truth probe held-out accuracy {accuracy:.3f})\n\n"
+            + format_absorption_table(absorption)
+        )
+        plot_absorption(absorption, directory / "absorption.png", title=f"Feature absorption, {preset} ({spread})")
+    if "coarse_to_fine" in lines:
+        views: dict[str, list[CoarseToFine]] = lines["coarse_to_fine"]
+        sections.append(
+            "## Coarse to fine: topic entropy of each latent's top documents, by its typical rank\n\n"
+            + format_coarse_to_fine_table(views)
+        )
+        first = next(iter(views.values()))[0]
+        plot_coarse_to_fine(first, directory / "coarse_to_fine.png", title=f"{first.name} ({preset}, first seed)")
+    (directory / "interpret.md").write_text("\n\n".join(sections) + "\n")
