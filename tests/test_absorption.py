@@ -25,22 +25,24 @@ import torch
 from sae_lens import TopKSAE, TopKSAEConfig
 
 from sae_lens_hierarchical import HierarchicalTopKSAE, HierarchicalTopKSAEConfig
-from sae_lens_hierarchical.interpretability import absorption
+from sae_lens_hierarchical.interpretability import first_letter
 from sae_lens_hierarchical.interpretability.absorption import (
-    LETTERS,
     AbsorptionConfig,
     AbsorptionResults,
-    FirstLetterData,
-    FirstLetterProbe,
-    FirstLetterTask,
     absorption_for_saes,
     absorption_over_k,
     aggregate_absorption,
+    format_absorption_table,
+    plot_absorption,
+)
+from sae_lens_hierarchical.interpretability.first_letter import (
+    LETTERS,
+    FirstLetterData,
+    FirstLetterProbe,
+    FirstLetterTask,
     first_letter_probe,
     first_letter_prompts,
     first_letter_vocabulary,
-    format_absorption_table,
-    plot_absorption,
 )
 
 N_TRAIN, N_TEST = 16, 8  # words per letter
@@ -393,7 +395,7 @@ def test_gemma_probe_accuracy_is_reported_and_its_cache_reused(tmp_path, monkeyp
     def no_forward(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("the cached activations should have been read, not recomputed")
 
-    monkeypatch.setattr(absorption, "hook_activations", no_forward)
+    monkeypatch.setattr(first_letter, "hook_activations", no_forward)
     again = first_letter_probe(model, preset.hook_name, task, cache_root=tmp_path, progress=False)
     assert torch.equal(again.data.activations, data.activations) and again.data.words == data.words
     assert again.accuracy == probe.accuracy

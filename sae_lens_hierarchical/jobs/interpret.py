@@ -22,7 +22,6 @@ from sae_lens_hierarchical.data.activation_cache import DEFAULT_CACHE_ROOT
 from sae_lens_hierarchical.interpretability.absorption import (
     AbsorptionResults,
     absorption_over_k,
-    first_letter_probe,
     format_absorption_table,
     plot_absorption,
 )
@@ -33,6 +32,7 @@ from sae_lens_hierarchical.interpretability.coarse_to_fine import (
     plot_coarse_to_fine,
 )
 from sae_lens_hierarchical.interpretability.documents import labelled_documents
+from sae_lens_hierarchical.interpretability.first_letter import first_letter_probe
 from sae_lens_hierarchical.interpretability.probing import (
     DEFAULT_NS,
     SparseProbingResults,
