@@ -19,28 +19,24 @@ from typing import Any
 
 from sae_lens_hierarchical._files import scratch_beside, write_json_atomically
 from sae_lens_hierarchical.data.activation_cache import DEFAULT_CACHE_ROOT
-from sae_lens_hierarchical.interpretability.absorption import (
+from sae_lens_hierarchical.interpretability import (
     AbsorptionResults,
-    absorption_over_k,
-    format_absorption_table,
-    plot_absorption,
-)
-from sae_lens_hierarchical.interpretability.coarse_to_fine import (
     CoarseToFine,
-    coarse_to_fine,
-    format_coarse_to_fine_table,
-    plot_coarse_to_fine,
-)
-from sae_lens_hierarchical.interpretability.documents import labelled_documents
-from sae_lens_hierarchical.interpretability.first_letter import first_letter_probe
-from sae_lens_hierarchical.interpretability.probing import (
-    DEFAULT_NS,
     SparseProbingResults,
+    absorption_over_k,
+    coarse_to_fine,
+    first_letter_probe,
+    format_absorption_table,
+    format_coarse_to_fine_table,
     format_probing_table,
+    labelled_documents,
+    plot_absorption,
+    plot_coarse_to_fine,
     plot_sparse_probing,
     residual_probing,
     sparse_probing,
 )
+from sae_lens_hierarchical.interpretability.probing import DEFAULT_NS
 from sae_lens_hierarchical.jobs.common import check_output_dir, finish_job
 from sae_lens_hierarchical.loading import load_sae
 from sae_lens_hierarchical.presets import get_preset
