@@ -36,7 +36,9 @@ def load(results: Path) -> Runs:
         for sae in json.loads(path.read_text())["saes"].values():
             rows = {row["k"]: {m: row[m] for m in METRICS if row.get(m) is not None} for row in sae["results"]}
             family = sae["family"]
-            kind = (DEFAULT if variant == "baselines" else variant) if family == "hierarchical" else family
+            # a compare --objectives run holds several HierarchicalTopK SAEs, each named by its objective
+            objective = sae.get("objective") or (DEFAULT if variant == "baselines" else variant)
+            kind = objective if family == "hierarchical" else family
             runs.setdefault(kind, {}).setdefault(seed, {}).update(rows)
             if family == "topk_truncated":  # TopK trained at K is also "TopK trained at k" for k = K
                 largest = max(rows)
