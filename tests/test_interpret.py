@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -112,4 +113,19 @@ def test_interpret_refuses_bad_inputs_before_writing(two_seeds: tuple[list[Path]
         main(["interpret", str(tmp_path), "--output-dir", str(output), "--cache-dir", str(cache)])
     with pytest.raises(SystemExit):
         main(["interpret", str(dirs[0]), "--output-dir", str(output), "--measures", "bogus"])
+    with pytest.raises(ValueError, match="must have distinct directories"):
+        run_interpret_job([dirs[0], dirs[0]], output, cache_root=cache)
+    other = tmp_path / "longer"  # seed 1's run, as if trained on more tokens: not a seed of the same suite
+    shutil.copytree(dirs[1], other)
+    job = json.loads((other / "job.json").read_text())
+    (other / "job.json").write_text(json.dumps(job | {"training_tokens": 12_800}))
+    with pytest.raises(ValueError, match=r"differ in training_tokens .*only the seed may differ"):
+        run_interpret_job([dirs[0], other], output, cache_root=cache)
+    (other / "job.json").write_text(json.dumps(job | {"seed": 0}))
+    with pytest.raises(ValueError, match=r"distinct seeds .*\[0, 0\]"):
+        run_interpret_job([dirs[0], other], output, cache_root=cache)
+    (other / "job.json").write_text(json.dumps(job))
+    shutil.rmtree(other / "saes" / "topk-k2")
+    with pytest.raises(ValueError, match=r"the SAEs \['topk-k2'\] are missing from saes/"):
+        run_interpret_job([dirs[0], other], output, cache_root=cache)
     assert not output.exists()

@@ -20,6 +20,7 @@ from typing import Any
 from sae_lens_hierarchical._files import scratch_beside, write_json_atomically
 from sae_lens_hierarchical.data.activation_cache import DEFAULT_CACHE_ROOT
 from sae_lens_hierarchical.interpretability import (
+    AbsorptionConfig,
     AbsorptionResults,
     CoarseToFine,
     SparseProbingResults,
@@ -43,6 +44,8 @@ from sae_lens_hierarchical.presets import get_preset
 from sae_lens_hierarchical.reporting import family_label
 
 MEASURES = ("probing", "absorption", "coarse_to_fine")
+# What a compare run's job.json says about how its SAEs were trained; runs averaged as seeds must agree on all of it.
+_TRAINING_FIELDS = ("preset", "overrides", "training_tokens", "budgets", "baselines", "objectives")
 # Lines whose SAEs rank latents up to K: the coarse-to-fine view reads their ranks.
 _RANKED_FAMILIES = ("hierarchical", "topk_truncated", "multi_topk")
 
@@ -62,17 +65,38 @@ class SuiteSae:
         return self.seed_dir / "saes" / self.name
 
 
-def read_suite(comparison_dir: Path) -> tuple[str, list[SuiteSae]]:
-    """The preset name and the SAEs of one ``compare`` output directory."""
+def read_suite(comparison_dir: Path) -> tuple[dict[str, Any], list[SuiteSae]]:
+    """The job settings and the SAEs of one ``compare`` output directory, every SAE's files checked up front."""
     report, job = comparison_dir / "comparison.json", comparison_dir / "job.json"
     if not report.is_file() or not job.is_file():
         raise ValueError(f"{comparison_dir} is not a finished compare run (no comparison.json and job.json)")
     saes = []
-    for name, entry in json.loads(report.read_text())["saes"].items():
-        objective = entry.get("objective")
-        line = entry["family"] if objective is None else f"{entry['family']}:{objective}"
-        saes.append(SuiteSae(comparison_dir, name, entry["family"], line, [row["k"] for row in entry["results"]]))
-    return json.loads(job.read_text())["preset"], saes
+    try:
+        for name, entry in json.loads(report.read_text())["saes"].items():
+            objective = entry.get("objective")
+            line = entry["family"] if objective is None else f"{entry['family']}:{objective}"
+            saes.append(SuiteSae(comparison_dir, name, entry["family"], line, [row["k"] for row in entry["results"]]))
+        settings = json.loads(job.read_text())
+        settings["preset"]
+    except (KeyError, TypeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{comparison_dir}: comparison.json or job.json is not a compare run's ({error!r})") from error
+    missing = [sae.name for sae in saes if not (sae.path / "cfg.json").is_file()]
+    if missing:
+        raise ValueError(f"{comparison_dir}: the SAEs {missing} are missing from saes/ (was the run's saes/ removed?)")
+    return settings, saes
+
+
+def check_comparable(directories: list[Path], suites: list[tuple[dict[str, Any], list[SuiteSae]]]) -> None:
+    """Runs averaged as seeds must be distinct directories with distinct seeds, trained alike in everything else."""
+    resolved = [str(Path(directory).resolve()) for directory in directories]
+    seeds = [job.get("seed") for job, _ in suites]
+    for name, values in (("directories", resolved), ("seeds", seeds)):
+        if len(set(values)) != len(values):
+            raise ValueError(f"the compare runs must have distinct {name} (each run is one seed); got {values}")
+    for field in _TRAINING_FIELDS:
+        values = {directory: job.get(field) for directory, (job, _) in zip(resolved, suites, strict=True)}
+        if len({json.dumps(value, sort_keys=True) for value in values.values()}) > 1:
+            raise ValueError(f"the compare runs differ in {field} ({values}); only the seed may differ between them")
 
 
 def run_interpret_job(
@@ -97,10 +121,8 @@ def run_interpret_job(
     check_output_dir(output_dir, overwrite)
     started = time.perf_counter()
     suites = [read_suite(Path(directory)) for directory in comparison_dirs]
-    presets = sorted({preset for preset, _ in suites})
-    if len(presets) != 1:
-        raise ValueError(f"the compare runs must share one preset; got {presets}")
-    preset = get_preset(presets[0])
+    check_comparable(list(comparison_dirs), suites)
+    preset = get_preset(suites[0][0]["preset"])
     model = preset.load_model(device)
     documents = probe = ceiling = None
     if "probing" in measures or "coarse_to_fine" in measures:
@@ -109,6 +131,14 @@ def run_interpret_job(
         ceiling = residual_probing(documents, ns)
     if "absorption" in measures:
         probe = first_letter_probe(model, preset.hook_name, cache_root=cache_root, progress=progress)
+        config = AbsorptionConfig()
+        reliable = probe.reliable_letters(config.min_probe_f1)
+        if len(reliable) < config.min_letters:  # before any SAE is scored, not after hours of it
+            raise ValueError(
+                f"the first-letter probe at {preset.hook_name} is too weak to score absorption: {len(reliable)} "
+                f"letters have held-out F1 > {config.min_probe_f1}, at least {config.min_letters} are needed; "
+                "leave absorption out (measures probing,coarse_to_fine)"
+            )
     scores: dict[str, dict[str, dict[str, Any]]] = {}
     for _, saes in suites:
         for member in saes:
@@ -139,7 +169,7 @@ def run_interpret_job(
 
 
 def _lines_by_seed(
-    suites: list[tuple[str, list[SuiteSae]]], scores: dict[str, dict[str, dict[str, Any]]]
+    suites: list[tuple[dict[str, Any], list[SuiteSae]]], scores: dict[str, dict[str, dict[str, Any]]]
 ) -> dict[str, dict[str, list[Any]]]:
     """``{measure: {line label: [one result per seed]}}``; the fixed-k TopK SAEs of a seed merged into one result
     holding each SAE at its own k, joined by the TopK SAE trained at K at k = K."""
