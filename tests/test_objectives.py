@@ -137,6 +137,8 @@ def test_compare_cli_objectives_refuse_clashes_before_writing(tmp_path: Path) ->
         main([*common, "--objectives", "uniform,k-weight-2x"])
     with pytest.raises(SystemExit, match=r"objectives must be distinct; got \['uniform'\]"):
         main([*common, "--objectives", "uniform,uniform"])
+    with pytest.raises(SystemExit, match=r"objectives 'k-weight-0\.5' and 'k-weight-\.50' are the same objective"):
+        main([*common, "--objectives", "k-weight-0.5,k-weight-.50", "--training-tokens", "6400"])
     with pytest.raises(SystemExit, match=r"drop the overrides \['sae.hierarchy_weights'\]"):
         main([*common, "--objectives", "uniform", "--set", "sae.hierarchy_weights=[0.5,0.5]"])
     assert not output.exists()

@@ -221,7 +221,13 @@ def _resolve_objectives(
     if objectives is None:
         return None
     n_steps = cfg.training_tokens // cfg.train_batch_size_tokens
-    return {name: objective_overrides(name, cfg.sae.k, n_steps) for name in objectives}
+    resolved = {name: objective_overrides(name, cfg.sae.k, n_steps) for name in objectives}
+    seen: dict[str, str] = {}
+    for name, fields in resolved.items():  # k-weight-0.5 and k-weight-.50 would train the same SAE twice
+        first = seen.setdefault(json.dumps(fields, sort_keys=True), name)
+        if first != name:
+            raise ValueError(f"objectives {first!r} and {name!r} are the same objective; keep one")
+    return resolved
 
 
 def train_suite(
