@@ -86,6 +86,7 @@ from sae_lens_hierarchical.interpretability.first_letter import (
     check_range,
     f1,
 )
+from sae_lens_hierarchical.interpretability.probing import format_mean_spread
 
 FIRING_EPS = 1e-8  # SAEBench's EPS: a latent with |activation| below this does not fire
 # scikit-learn >= 1.8 asks for l1_ratio=1 where older versions take penalty="l1".
@@ -509,15 +510,11 @@ def format_absorption_table(results: Mapping[str, AbsorptionResults | Sequence[A
             for name in names:
                 row = by_name[name]
                 cells.append(
-                    "" if row is None else _with_spread(row[metric], row[f"{metric}_half_range"], row["n_runs"])
+                    "" if row is None else format_mean_spread(row[metric], row[f"{metric}_half_range"], row["n_runs"])
                 )
         counts = ", ".join("" if row is None else f"{row['n_letters_scored']:.0f}" for row in by_name.values())
         lines.append("| " + " | ".join(cells) + f" | {counts} |")
     return "\n".join(lines)
-
-
-def _with_spread(value: float, half_range: float, n_runs: float) -> str:
-    return f"{value:.3f}" if n_runs < 2 else f"{value:.3f} ± {half_range:.3f}"
 
 
 def plot_absorption(

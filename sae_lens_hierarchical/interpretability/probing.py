@@ -496,16 +496,16 @@ def _key_order(item: tuple[tuple[str, int | None, int | None], Any]) -> tuple[st
 
 
 def _cell(summary: ScoreSummary | None) -> str:
-    if summary is None:
-        return ""
-    return f"{summary.mean:.3f}" if summary.runs == 1 else f"{summary.mean:.3f} ± {summary.half_range:.3f}"
+    return "" if summary is None else format_mean_spread(summary.mean, summary.half_range, summary.runs)
 
 
 def format_spread(values: Sequence[float], digits: int = 3) -> str:
     """``mean`` of one value, ``mean ± half the range`` of several (how the README reports seeds), "" of none."""
     if not values:
         return ""
-    mean = float(np.mean(values))
-    if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {(max(values) - min(values)) / 2:.{digits}f}"
+    return format_mean_spread(float(np.mean(values)), (max(values) - min(values)) / 2, len(values), digits)
+
+
+def format_mean_spread(mean: float, half_range: float, runs: float, digits: int = 3) -> str:
+    """``mean`` of a single run, ``mean ± half_range`` of several: the one cell format of every seed table."""
+    return f"{mean:.{digits}f}" if runs < 2 else f"{mean:.{digits}f} ± {half_range:.{digits}f}"
