@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from datasets import Dataset
 from sae_lens import LanguageModelSAETrainingRunner, LoggingConfig
 from transformer_lens import HookedTransformer
 
@@ -51,6 +52,7 @@ def run_training_job(
     overwrite: bool = False,
     progress: bool = True,
     model: HookedTransformer | None = None,
+    dataset: Dataset | None = None,
 ) -> TrainingJobResult:
     """Train a HierarchicalTopK SAE on ``preset`` and evaluate it at every budget k on held-out text.
 
@@ -59,9 +61,13 @@ def run_training_job(
         wandb: ``"offline"`` (default: logs under the results directory), ``"online"`` or ``"disabled"``.
         downstream_tokens: held-out tokens for CE-loss/KL scores (default the preset's; 0 skips them).
         model: an already loaded model for ``preset`` (loading Gemma takes ~35 s).
+        dataset: for a streamed preset, the token sequences its activations come from (default: the config's
+            ``dataset_path`` on the Hugging Face Hub); embedded presets bring their own.
     """
     if wandb not in ("offline", "online", "disabled"):
         raise ValueError(f"wandb must be 'offline', 'online' or 'disabled'; got {wandb!r}")
+    if dataset is not None and preset.embedded:
+        raise ValueError(f"preset {preset.name!r} brings its own corpus; dataset is for streamed presets")
     check_output_dir(output_dir, overwrite)
     started = time.perf_counter()
     training_tokens = training_tokens or preset.training_tokens
@@ -91,7 +97,7 @@ def run_training_job(
         runner = LanguageModelSAETrainingRunner(
             cfg,
             override_model=model,
-            override_dataset=activations.train_sequences if activations is not None else None,
+            override_dataset=activations.train_sequences if activations is not None else dataset,
         )
         runner.run()
         sae_dir = scratch / SAE_DIRNAME
