@@ -6,6 +6,7 @@ sae-lens-hierarchical train --config runner_cfg.json   # any SAELens runner conf
 sae-lens-hierarchical cache --preset gemma-3-270m      # only cache activations
 sae-lens-hierarchical evaluate results/gemma-3-270m/sae --ks 1,4,16,64
 sae-lens-hierarchical compare                    # HTopK vs TopK at each k, truncated TopK, Multi-TopK
+torchrun --nproc-per-node 2 -m sae_lens_hierarchical train --preset tiny-random   # data-parallel (also compare)
 sae-lens-hierarchical export results/gemma-3-270m/sae --k 16 topk_k16  # a plain SAELens TopK SAE at k=16
 sae-lens-hierarchical upload results/gemma-3-270m/sae owner/name --topk-ks 8,32 --dry-run repo_preview
 sae-lens-hierarchical inspect results/gemma-3-270m/sae --ks 4,16,64   # latent dashboards: a static site
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +26,7 @@ from typing import Any
 from sae_lens import SAE, LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
 
 from sae_lens_hierarchical.data import DEFAULT_CACHE_ROOT
+from sae_lens_hierarchical.distributed import joined_process_group
 from sae_lens_hierarchical.evaluation import format_markdown_table
 from sae_lens_hierarchical.interpretability.probing import DEFAULT_NS
 from sae_lens_hierarchical.jobs import (
@@ -260,6 +263,11 @@ def _job_settings(args: argparse.Namespace) -> dict[str, Any]:
 def _train(args: argparse.Namespace) -> None:
     overrides = dict(args.overrides)
     if args.config is not None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError(
+                "data-parallel training (torchrun with several processes) runs presets (--preset), which shard the "
+                "corpus across ranks; --config runs SAELens's runner in one process"
+            )
         cfg = LanguageModelSAERunnerConfig.from_dict(json.loads(args.config.read_text()))
         if args.output_dir is not None:
             overrides["output_path"] = str(args.output_dir)
@@ -268,13 +276,17 @@ def _train(args: argparse.Namespace) -> None:
         return
     preset = get_preset(args.preset)
     output_dir = args.output_dir or Path("results") / preset.name
-    result = run_training_job(
-        preset,
-        output_dir,
-        overrides=overrides,
-        wandb=args.wandb,
-        **_job_settings(args),
-    )
+    with joined_process_group(args.device) as parallel:
+        result = run_training_job(
+            preset,
+            output_dir,
+            overrides=overrides,
+            wandb=args.wandb,
+            parallel=parallel,
+            **_job_settings(args),
+        )
+    if not parallel.is_main:
+        return
     if result.results:
         print(f"\nHeld-out reconstruction at every budget k ({preset.name}, special tokens excluded):\n")
         print(format_markdown_table(result.results))
@@ -329,16 +341,20 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _compare(args: argparse.Namespace) -> None:
     preset = get_preset(args.preset)
     output_dir = args.output_dir or Path("results") / f"{preset.name}-comparison"
-    result = run_comparison_job(
-        preset,
-        output_dir,
-        budgets=args.budgets,
-        baselines=args.baselines,
-        overrides=dict(args.overrides),
-        n_checkpoints=args.checkpoints,
-        objectives=args.objectives,
-        **_job_settings(args),
-    )
+    with joined_process_group(args.device) as parallel:
+        result = run_comparison_job(
+            preset,
+            output_dir,
+            budgets=args.budgets,
+            baselines=args.baselines,
+            overrides=dict(args.overrides),
+            n_checkpoints=args.checkpoints,
+            objectives=args.objectives,
+            parallel=parallel,
+            **_job_settings(args),
+        )
+    if not parallel.is_main:
+        return
     if result.results:
         print((result.output_dir / "comparison.md").read_text())
     print(f"\nSAEs in {result.output_dir / 'saes'}; report in {result.output_dir}. Took {result.seconds / 60:.1f} min.")

@@ -30,6 +30,7 @@ from sae_lens_hierarchical.data.activation_cache import (
     ActivationCacheKey,
     cache_activations,
 )
+from sae_lens_hierarchical.distributed import SINGLE_PROCESS, DataParallel
 from sae_lens_hierarchical.evaluation import (
     BudgetMetrics,
     BudgetResults,
@@ -92,12 +93,17 @@ def prepare_embedded_activations(
     training_tokens: int | None = None,
     cache_root: Path = DEFAULT_CACHE_ROOT,
     progress: bool = True,
+    parallel: DataParallel = SINGLE_PROCESS,
 ) -> EmbeddedActivations:
     """Cache (or reuse) activations of the last held-out sequences and, if asked, the first training ones.
 
     The preset's sequences come in a fixed shuffled order; training uses a prefix of it and evaluation the
     tail, so the two never overlap and every SAE trained on the same preset sees identical activations.
+    Under data parallelism each rank caches and trains on its own contiguous share of that prefix (its own
+    cache, so the language model runs on every rank at once); the held-out cache is filled once and shared.
+    Only rank 0 shows progress.
     """
+    progress = progress and parallel.is_main
     if preset.load_token_sequences is None:
         raise ValueError(f"preset {preset.name!r} streams its corpus; only embedded presets cache activations")
     sequences = preset.load_token_sequences(model.tokenizer, preset.context_size)
@@ -109,25 +115,32 @@ def prepare_embedded_activations(
             f"{preset.name!r} ({len(sequences)} sequences of {preset.context_size}); got {eval_tokens}"
         )
 
-    def cached(split: str, rows: range) -> ActivationCache:
+    def cached(split: str, subset: Dataset) -> ActivationCache:
         key = ActivationCacheKey(
             model_name=preset.model_name,
             hook_name=preset.hook_name,
             corpus=f"{preset.corpus}-{split}",
             context_size=preset.context_size,
-            n_sequences=len(rows),
+            n_sequences=len(subset),
         )
-        return cache_activations(model, sequences.select(rows), key, cache_root, progress=progress)
+        return cache_activations(model, subset, key, cache_root, progress=progress)
 
     activations = EmbeddedActivations(
-        held_out=cached("heldout", range(len(sequences) - n_eval, len(sequences))),
+        held_out=cached("heldout", sequences.select(range(len(sequences) - n_eval, len(sequences)))),
         special_token_ids=sorted(get_special_token_ids(model.tokenizer)),
     )
     if training_tokens is not None:
         # More tokens than the corpus holds are reached by SAELens reusing the cache over several epochs.
         n_train = min(math.ceil(training_tokens / text_tokens_per_sequence), len(sequences) - n_eval)
-        activations.train = cached("train", range(n_train))
-        activations.train_sequences = sequences.select(range(n_train))
+        if n_train < parallel.world_size:
+            raise ValueError(
+                f"{n_train} training sequences cannot be shared by {parallel.world_size} data-parallel processes; "
+                "train on more tokens or start fewer processes"
+            )
+        train = parallel.shard(sequences.select(range(n_train)))
+        split = f"train-rank{parallel.rank}of{parallel.world_size}" if parallel.active else "train"
+        activations.train = cached(split, train)
+        activations.train_sequences = train
     return activations
 
 

@@ -19,10 +19,12 @@ from sae_lens.multi_sae_training_runner import MultiSAETrainingRunner, MultiSAET
 from sae_lens.saes.sae import TrainingSAE
 from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from sae_lens_hierarchical._files import scratch_beside, write_json_atomically
 from sae_lens_hierarchical.data.activation_cache import DEFAULT_CACHE_ROOT
+from sae_lens_hierarchical.distributed import SINGLE_PROCESS, DataParallel, data_parallel_trainers
 from sae_lens_hierarchical.evaluation import BudgetMetrics, default_budgets, format_comparison_table, plot_comparison
 from sae_lens_hierarchical.hierarchical_topk_sae import HierarchicalTopKTrainingSAE, HierarchicalTopKTrainingSAEConfig
 from sae_lens_hierarchical.jobs.common import (
@@ -32,6 +34,7 @@ from sae_lens_hierarchical.jobs.common import (
     finish_job,
     prepare_embedded_activations,
 )
+from sae_lens_hierarchical.jobs.train import streamed_dataset
 from sae_lens_hierarchical.loading import load_sae
 from sae_lens_hierarchical.objectives import objective_overrides
 from sae_lens_hierarchical.presets import Preset
@@ -136,6 +139,7 @@ def run_comparison_job(
     model: HookedTransformer | None = None,
     n_checkpoints: int = 0,
     objectives: list[str] | None = None,
+    parallel: DataParallel = SINGLE_PROCESS,
 ) -> ComparisonJobResult:
     """Train HierarchicalTopK and its baselines in lockstep on the same activation batches, evaluate, report.
 
@@ -152,6 +156,8 @@ def run_comparison_job(
             the same job after a crash resumes from the newest complete one (embedded presets).
         objectives: named HierarchicalTopK objectives (:mod:`sae_lens_hierarchical.objectives`) to train side by
             side, one SAE each; None trains one with the config's own objective (``overrides`` may set it).
+        parallel: this process's place in a torchrun job: every SAE of the suite is trained data-parallel (each rank
+            on its share of the corpus and of every batch); rank 0 alone writes, evaluates and reports.
     """
     check_output_dir(output_dir, overwrite)
     if n_checkpoints < 0:
@@ -162,6 +168,7 @@ def run_comparison_job(
     downstream_tokens = preset.downstream_eval_tokens if downstream_tokens is None else downstream_tokens
     _check_objectives(objectives, overrides or {})
     cfg = apply_overrides(preset.runner_config(None, training_tokens=training_tokens, seed=seed), overrides or {})
+    device = parallel.device(device)
     cfg = replace(cfg, device=device)
     max_k = cfg.sae.k
     budgets = budgets or sorted({max(1, max_k // 8), max(1, max_k // 4), max(1, max_k // 2), max_k})
@@ -170,19 +177,16 @@ def run_comparison_job(
     activations = None
     if preset.embedded:
         activations = prepare_embedded_activations(
-            preset, model, eval_tokens, training_tokens, cache_root=cache_root, progress=progress
+            preset, model, eval_tokens, training_tokens, cache_root=cache_root, progress=progress, parallel=parallel
         )
+    checkpoint_dir = output_dir.parent / f".{output_dir.name}.checkpoints"
+    checkpoints = {"checkpoint_dir": checkpoint_dir, "n_checkpoints": n_checkpoints}
+    if not parallel.is_main:  # the other ranks train their share; rank 0 writes, evaluates and reports
+        train_suite(cfg, members, model, activations, None, seed=seed, parallel=parallel, **checkpoints)
+        return ComparisonJobResult(output_dir, {}, time.perf_counter() - started)
     with scratch_beside(output_dir) as scratch:
-        checkpoint_dir = output_dir.parent / f".{output_dir.name}.checkpoints"
         sae_dirs = train_suite(
-            cfg,
-            members,
-            model,
-            activations,
-            scratch / "saes",
-            seed=seed,
-            checkpoint_dir=checkpoint_dir,
-            n_checkpoints=n_checkpoints,
+            cfg, members, model, activations, scratch / "saes", seed=seed, parallel=parallel, **checkpoints
         )
         results: dict[str, list[BudgetMetrics]] = {}
         if activations is not None:
@@ -196,6 +200,8 @@ def run_comparison_job(
         job = {"preset": preset.name, "overrides": overrides or {}, "training_tokens": training_tokens}
         job |= {"eval_tokens": eval_tokens, "downstream_tokens": downstream_tokens, "seed": seed}
         job |= {"budgets": budgets, "baselines": list(baselines), "objectives": objectives}
+        if parallel.active:
+            job["data_parallel_processes"] = parallel.world_size
         seconds = finish_job(scratch, output_dir, job, started)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return ComparisonJobResult(output_dir, results, seconds)
@@ -235,13 +241,14 @@ def train_suite(
     members: list[SuiteMember],
     model: HookedTransformer,
     activations: EmbeddedActivations | None,
-    output_dir: Path,
+    output_dir: Path | None,
     seed: int = 0,
     dataset: Dataset | None = None,
     checkpoint_dir: Path | None = None,
     n_checkpoints: int = 0,
+    parallel: DataParallel = SINGLE_PROCESS,
 ) -> dict[str, Path]:
-    """Train every member in lockstep and save each to ``output_dir/<name>`` (SAELens files).
+    """Train every member in lockstep and save each to ``output_dir/<name>`` (SAELens files; None saves nothing).
 
     All SAEs are initialised from the same seed, so same-shaped SAEs start from identical weights. Without
     cached ``activations`` the LM runs on ``dataset`` (default: the config's ``dataset_path``).
@@ -249,6 +256,9 @@ def train_suite(
     From cached activations, ``n_checkpoints`` checkpoints go to ``checkpoint_dir``, and a later call with
     the same settings resumes from the newest complete one: the batch order is a pure function of the seed
     and the step, so the resumed run ends with the same weights as an uninterrupted one.
+
+    Under torchrun (``parallel``) every SAE is trained data-parallel: each rank reads its own cached share (or its
+    share of ``dataset``) in batches of B/N tokens, and rank 0 writes the checkpoints; resuming needs the same N.
     """
     saes: dict[str, TrainingSAE[Any]] = {}
     for member in members:
@@ -258,19 +268,24 @@ def train_suite(
         )
         torch.manual_seed(seed)
         saes[member.name] = HierarchicalTopKTrainingSAE(sae_cfg)
-    sae_dirs = {name: output_dir / name for name in saes}
+    sae_dirs = {} if output_dir is None else {name: output_dir / name for name in saes}
+    rank_cfg = parallel.runner_config(cfg)
     if activations is None or activations.train is None:
         if n_checkpoints:
             raise ValueError("checkpoints are supported when training from cached activations (embedded presets)")
+        if parallel.active:
+            dataset = parallel.shard(dataset if dataset is not None else streamed_dataset(cfg))
         multi_cfg = MultiSAETrainingRunnerConfig(
             saes={name: sae.cfg for name, sae in saes.items()},
             hook_names=cfg.hook_name,
-            output_path=str(output_dir),
+            output_path=None if output_dir is None else str(output_dir),
             checkpoint_path=None,
             logger=LoggingConfig(log_to_wandb=False),
-            **{name: getattr(cfg, name) for name in _SHARED_RUNNER_FIELDS},
+            **{name: getattr(rank_cfg, name) for name in _SHARED_RUNNER_FIELDS},
         )
-        MultiSAETrainingRunner(multi_cfg, override_dataset=dataset, override_model=model, override_saes=saes).run()
+        runner = MultiSAETrainingRunner(multi_cfg, override_dataset=dataset, override_model=model, override_saes=saes)
+        with data_parallel_trainers():
+            runner.run()
         return sae_dirs
     if n_checkpoints and checkpoint_dir is None:
         raise ValueError("n_checkpoints > 0 needs a checkpoint_dir")
@@ -278,8 +293,10 @@ def train_suite(
         for name in RUNNER_ONLY_METADATA:
             setattr(sae.cfg.metadata, name, getattr(cfg, name))
     settings = {"members": [asdict(m) for m in members], "seed": seed, "runner": _json_safe(cfg.to_dict())}
+    if parallel.active:
+        settings["data_parallel_processes"] = parallel.world_size
     trainer_cfg = replace(
-        cfg.to_sae_trainer_config(),
+        rank_cfg.to_sae_trainer_config(),
         n_checkpoints=n_checkpoints,
         checkpoint_path=str(checkpoint_dir) if n_checkpoints else None,
         logger=LoggingConfig(log_to_wandb=False),
@@ -292,20 +309,21 @@ def train_suite(
         state = json.loads((resume_from / CHECKPOINT_MARKER).read_text())
         skipped = state["n_training_steps"] + (cfg.n_batches_for_norm_estimate if needs_estimate else 0)
     train = activations.train.token_activations(exclude_token_ids=activations.special_token_ids)
-    batches = shuffled_batches(train, cfg.hook_name, cfg.train_batch_size_tokens, seed, cfg.device, skip=skipped)
+    batches = shuffled_batches(train, cfg.hook_name, rank_cfg.train_batch_size_tokens, seed, cfg.device, skip=skipped)
 
     def mark_complete(checkpoint_path: Path | None) -> None:
-        if checkpoint_path is not None:
+        if checkpoint_path is not None and parallel.is_main:
             state = {"n_training_steps": trainer.n_training_steps + 1, "settings": settings}
             write_json_atomically(checkpoint_path / CHECKPOINT_MARKER, state)
 
-    trainer = MultiSAETrainer(
-        cfg=trainer_cfg,
-        saes=saes,
-        hook_names=dict.fromkeys(saes, cfg.hook_name),
-        data_provider=batches,
-        save_checkpoint_fn=mark_complete,
-    )
+    with data_parallel_trainers():
+        trainer = MultiSAETrainer(
+            cfg=trainer_cfg,
+            saes=saes,
+            hook_names=dict.fromkeys(saes, cfg.hook_name),
+            data_provider=batches,
+            save_checkpoint_fn=mark_complete,
+        )
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)
         # MultiSAETrainer counts a step after checkpointing it; the marker recorded the steps done.
@@ -313,7 +331,12 @@ def train_suite(
         for single in trainer.trainers.values():
             single.n_training_steps = state["n_training_steps"]
         trainer.checkpoint_thresholds = [t for t in trainer.checkpoint_thresholds if t >= trainer.n_training_samples]
+        if parallel.is_main:
+            total = trainer_cfg.total_training_steps
+            tqdm.write(f"Resuming from {resume_from} (step {state['n_training_steps']} of {total})")
     trainer.fit()
+    if output_dir is None:
+        return sae_dirs
     for name, sae in saes.items():
         sae_dirs[name].mkdir(parents=True)
         sae.save_inference_model(str(sae_dirs[name]))

@@ -8,15 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset
-from sae_lens import LanguageModelSAETrainingRunner, LoggingConfig
+from datasets import Dataset, IterableDataset, load_dataset
+from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
 from transformer_lens import HookedTransformer
 
 from sae_lens_hierarchical._files import scratch_beside
 from sae_lens_hierarchical.data.activation_cache import DEFAULT_CACHE_ROOT
+from sae_lens_hierarchical.distributed import SINGLE_PROCESS, DataParallel, data_parallel_trainers
 from sae_lens_hierarchical.evaluation import BudgetMetrics
 from sae_lens_hierarchical.hierarchical_topk_sae import HierarchicalTopKSAE
 from sae_lens_hierarchical.jobs.common import (
+    EmbeddedActivations,
     apply_overrides,
     check_output_dir,
     finish_job,
@@ -53,6 +55,7 @@ def run_training_job(
     progress: bool = True,
     model: HookedTransformer | None = None,
     dataset: Dataset | None = None,
+    parallel: DataParallel = SINGLE_PROCESS,
 ) -> TrainingJobResult:
     """Train a HierarchicalTopK SAE on ``preset`` and evaluate it at every budget k on held-out text.
 
@@ -63,6 +66,9 @@ def run_training_job(
         model: an already loaded model for ``preset`` (loading Gemma takes ~35 s).
         dataset: for a streamed preset, the token sequences its activations come from (default: the config's
             ``dataset_path`` on the Hugging Face Hub); embedded presets bring their own.
+        parallel: this process's place in a torchrun job (:func:`~sae_lens_hierarchical.distributed.
+            joined_process_group`): each rank trains on its share of the corpus and of every batch, rank 0 alone
+            writes, evaluates and reports.
     """
     if wandb not in ("offline", "online", "disabled"):
         raise ValueError(f"wandb must be 'offline', 'online' or 'disabled'; got {wandb!r}")
@@ -75,39 +81,71 @@ def run_training_job(
     downstream_tokens = preset.downstream_eval_tokens if downstream_tokens is None else downstream_tokens
     # Validate the configuration before any expensive work.
     cfg = apply_overrides(preset.runner_config(None, training_tokens=training_tokens, seed=seed), overrides or {})
+    rank_cfg = parallel.runner_config(cfg)
+    device = parallel.device(device)
     model = model if model is not None else preset.load_model(device)
     activations = None
     if preset.embedded:
         activations = prepare_embedded_activations(
-            preset, model, eval_tokens, training_tokens, cache_root=cache_root, progress=progress
+            preset, model, eval_tokens, training_tokens, cache_root=cache_root, progress=progress, parallel=parallel
         )
+    elif parallel.active:
+        dataset = parallel.shard(dataset if dataset is not None else streamed_dataset(cfg))
+    job = {"preset": preset.name, "overrides": overrides or {}, "training_tokens": training_tokens}
+    job |= {"eval_tokens": eval_tokens, "downstream_tokens": downstream_tokens, "seed": seed}
+    if not parallel.is_main:  # the other ranks train their share; rank 0 writes, evaluates and reports
+        _run_sae_lens_runner(rank_cfg, model, activations, dataset, device, None, "disabled", preset.name, seed)
+        return TrainingJobResult(output_dir, output_dir / SAE_DIRNAME, [], time.perf_counter() - started)
     with scratch_beside(output_dir) as scratch, wandb_environment(wandb, scratch):
-        run_changes: dict[str, Any] = {"output_path": str(scratch / SAE_DIRNAME), "device": device}
-        if activations is not None and activations.train is not None:
-            cached_path = str(activations.train.activations_path)
-            run_changes |= {"use_cached_activations": True, "cached_activations_path": cached_path}
-        if wandb != "disabled":
-            run_changes["logger"] = LoggingConfig(
-                log_to_wandb=True, wandb_project="sae-lens-hierarchical", run_name=f"htopk-{preset.name}"
-            )
-            # In-loop evaluations run the whole LM with logits: keep them small on a CPU.
-            run_changes |= {"n_eval_batches": 1, "eval_batch_size_prompts": 4}
-        cfg = replace(cfg, **run_changes)
-        torch.manual_seed(seed)  # SAELens does not seed torch from cfg.seed; this fixes the SAE's initialisation
-        runner = LanguageModelSAETrainingRunner(
-            cfg,
-            override_model=model,
-            override_dataset=activations.train_sequences if activations is not None else dataset,
-        )
-        runner.run()
         sae_dir = scratch / SAE_DIRNAME
+        _run_sae_lens_runner(rank_cfg, model, activations, dataset, device, sae_dir, wandb, preset.name, seed)
         results: list[BudgetMetrics] = []
         if activations is not None:
             sae = load_sae(sae_dir)
             assert isinstance(sae, HierarchicalTopKSAE)
             results = activations.evaluate(sae, model, downstream_tokens, progress=progress)
             write_report(results, scratch, title=f"HierarchicalTopK on {preset.model_name} ({preset.hook_name})")
-        job = {"preset": preset.name, "overrides": overrides or {}, "training_tokens": training_tokens}
-        job |= {"eval_tokens": eval_tokens, "downstream_tokens": downstream_tokens, "seed": seed}
+        if parallel.active:
+            job["data_parallel_processes"] = parallel.world_size
         seconds = finish_job(scratch, output_dir, job, started)
     return TrainingJobResult(output_dir, output_dir / SAE_DIRNAME, results, seconds)
+
+
+def _run_sae_lens_runner(
+    cfg: LanguageModelSAERunnerConfig[Any],
+    model: HookedTransformer,
+    activations: EmbeddedActivations | None,
+    dataset: Dataset | None,
+    device: str,
+    output_path: Path | None,
+    wandb: str,
+    run_name: str,
+    seed: int,
+) -> None:
+    """SAELens's runner on this rank's activations (the cache, else ``dataset``, else the config's corpus); the SAE
+    is saved to ``output_path`` unless it is None. Under torchrun it builds the data-parallel trainer."""
+    run_changes: dict[str, Any] = {"output_path": None if output_path is None else str(output_path), "device": device}
+    if activations is not None and activations.train is not None:
+        cached_path = str(activations.train.activations_path)
+        run_changes |= {"use_cached_activations": True, "cached_activations_path": cached_path}
+    if wandb != "disabled":
+        run_changes["logger"] = LoggingConfig(
+            log_to_wandb=True, wandb_project="sae-lens-hierarchical", run_name=f"htopk-{run_name}"
+        )
+        # In-loop evaluations run the whole LM with logits: keep them small on a CPU.
+        run_changes |= {"n_eval_batches": 1, "eval_batch_size_prompts": 4}
+    cfg = replace(cfg, **run_changes)
+    torch.manual_seed(seed)  # SAELens does not seed torch from cfg.seed; this fixes the SAE's initialisation
+    runner = LanguageModelSAETrainingRunner(
+        cfg,
+        override_model=model,
+        override_dataset=activations.train_sequences if activations is not None else dataset,
+    )
+    with data_parallel_trainers():
+        runner.run()
+
+
+def streamed_dataset(cfg: LanguageModelSAERunnerConfig[Any]) -> IterableDataset | Dataset:
+    """The corpus SAELens's activation store would load from ``cfg.dataset_path``, loaded here so that each
+    data-parallel rank can take its own share of it."""
+    return load_dataset(cfg.dataset_path, split="train", streaming=cfg.streaming)
