@@ -11,6 +11,7 @@ sae-lens-hierarchical export results/gemma-3-270m/sae --k 16 topk_k16  # a plain
 sae-lens-hierarchical upload results/gemma-3-270m/sae owner/name --topk-ks 8,32 --dry-run repo_preview
 sae-lens-hierarchical inspect results/gemma-3-270m/sae --ks 4,16,64   # latent dashboards: a static site
 sae-lens-hierarchical interpret results/seed0 results/seed1 --output-dir interp  # probing/absorption per k
+sae-lens-hierarchical doctor                     # versions, devices, what loss_implementation='auto' runs, self-check
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from sae_lens_hierarchical.jobs import (
     run_training_job,
     write_report,
 )
+from sae_lens_hierarchical.jobs.doctor import format_doctor_report, run_doctor_job
 from sae_lens_hierarchical.jobs.inspect import default_dashboard_dir, run_inspect_job
 from sae_lens_hierarchical.jobs.interpret import MEASURES, run_interpret_job
 from sae_lens_hierarchical.loading import load_sae
@@ -244,6 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
     interpret.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_ROOT)
     interpret.add_argument("--device", default="cpu")
     interpret.add_argument("--overwrite", action="store_true", help="replace an existing results directory")
+
+    doctor = commands.add_parser(
+        "doctor", help="versions, devices, which loss implementation 'auto' picks and why, Triton self-check per GPU"
+    )
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.add_argument(
+        "--interpret",
+        action="store_true",
+        help="also run the self-check's Triton kernels on CPU in Triton's interpreter (TRITON_INTERPRET=1, slow)",
+    )
     return parser
 
 
@@ -414,6 +426,13 @@ def _inspect(args: argparse.Namespace) -> None:
     print(f"Dashboard of {pages} latents: open {dashboard.index} in a browser. Took {minutes:.1f} min.")
 
 
+def _doctor(args: argparse.Namespace) -> None:
+    report = run_doctor_job(interpret=args.interpret)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else format_doctor_report(report))
+    if not report.ok:
+        raise SystemExit(1)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     handlers = {
@@ -425,6 +444,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "export": _export,
         "upload": _upload,
         "inspect": _inspect,
+        "doctor": _doctor,
     }
     try:
         handlers[args.command](args)

@@ -37,6 +37,7 @@ from typing_extensions import Self, override
 from sae_lens_hierarchical._files import save_files_atomically
 from sae_lens_hierarchical.losses import (
     HIERARCHICAL_LOSSES,
+    auto_uses_triton,
     uniform_level_weights,
     validate_level_weights,
     validate_levels,
@@ -708,7 +709,7 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
             raw_hidden_pre,
             top_indices,
             dead_columns,
-            self.cfg.loss_implementation in ("auto", "triton"),
+            self._sparse_backward_may_use_triton(centered),
         )
         del raw_hidden_pre  # only hidden_pre (scaled) is returned; the gathered entries are all the losses need
         if decoder_norms is not None:
@@ -723,6 +724,14 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
         residual = (sae_in - sae_out).detach()
         aux_loss, scale = auxk_loss_on_dead_columns(pre_at_dead, dead_columns, self.W_dec, residual, decoder_norms)
         return mse_loss, level_mse, sae_out, feature_acts, hidden_pre, self.cfg.aux_loss_coefficient * scale * aux_loss
+
+    def _sparse_backward_may_use_triton(self, centered: torch.Tensor) -> bool:
+        """The encoder backward's Triton kernel follows the loss: always with ``"triton"``; with ``"auto"`` only
+        where the kernels passed their self-check on this device (a failed check keeps both on torch)."""
+        implementation = self.cfg.loss_implementation
+        return implementation == "triton" or (
+            implementation == "auto" and auto_uses_triton(centered.device, centered.dtype)
+        )
 
     def _hierarchical_loss_fused(
         self, sae_in: torch.Tensor, coefficients: torch.Tensor, top_indices: torch.Tensor, level_weights: list[float]

@@ -13,14 +13,15 @@ gradient clipping (norm 1.0) behave as they do for TopK, and ``levels == [K]`` *
 Every implementation here shares one signature and returns a :class:`HierarchicalMSE`; tests compare
 them against an independent float64 loop. Implementations: ``reference`` (plain autograd), ``fused`` (torch,
 memory-flat) and ``triton_kernels`` (GPU), imported only when used; :func:`hierarchical_mse_auto` picks Triton on CUDA
-and the torch fused path elsewhere. What they share (result type, level checks, constant tables) is in ``_common``.
+and the torch fused path elsewhere, once the kernels passed their self-check on that device (``self_check``). What
+they share (result type, level checks, constant tables) is in ``_common``.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -54,13 +55,59 @@ def hierarchical_mse_triton(*args: Any, **kwargs: Any) -> HierarchicalMSE:
     return triton_loss(*args, **kwargs)
 
 
-def auto_loss_implementation(device: torch.device | str, dtype: torch.dtype) -> str:
-    """``"triton"`` for float32/bfloat16/float16 tensors on CUDA when triton is installed, else ``"fused"``.
+# Device types the Triton kernels are compiled for (the self-check's tests simulate a GPU by adding "cpu").
+TRITON_DEVICE_TYPES = ("cuda",)
+
+
+class AutoChoice(NamedTuple):
+    """What ``loss_implementation="auto"`` runs for some tensors (``"triton"`` or ``"fused"``), and why."""
+
+    implementation: str
+    reason: str
+
+
+def auto_loss_choice(device: torch.device | str, dtype: torch.dtype) -> AutoChoice:
+    """``"triton"`` for float32/bfloat16/float16 tensors on CUDA when triton is installed, unless the kernels failed
+    their self-check on that device; else ``"fused"``. Runs nothing: a device not checked yet reads as ``"triton"``.
 
     The torch fused path stays the choice on CPU (Triton kernels run on GPU only) and for float64.
     """
-    use_triton = torch.device(device).type == "cuda" and dtype in TRITON_DTYPES and triton_available()
-    return "triton" if use_triton else "fused"
+    device = torch.device(device)
+    if device.type not in TRITON_DEVICE_TYPES:
+        return AutoChoice("fused", f"the Triton kernels run on CUDA only; {device.type} uses the fused torch loss")
+    if dtype not in TRITON_DTYPES:
+        name = str(dtype).removeprefix("torch.")
+        return AutoChoice("fused", f"the Triton kernels take float32, bfloat16 or float16; {name} uses the fused loss")
+    if not triton_available():
+        return AutoChoice("fused", "triton is not installed (pip install 'sae-lens-hierarchical[gpu]')")
+    from sae_lens_hierarchical.losses.self_check import known_verdict
+
+    verdict = known_verdict(device)
+    if verdict is None:
+        return AutoChoice(
+            "triton", "triton is installed; the self-check runs at the first 'auto' loss (if it fails: fused)"
+        )
+    if not verdict.ok:
+        return AutoChoice("fused", f"the Triton self-check failed on {verdict.device}: {verdict.cause}")
+    return AutoChoice("triton", f"triton is installed and the self-check passed on {verdict.device}")
+
+
+def auto_loss_implementation(device: torch.device | str, dtype: torch.dtype) -> str:
+    """The implementation of :func:`auto_loss_choice`, without its reason."""
+    return auto_loss_choice(device, dtype).implementation
+
+
+def auto_uses_triton(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether "auto" runs the Triton kernels for tensors on ``device`` of ``dtype``: :func:`auto_loss_implementation`
+    says so and the kernels pass their self-check there, which runs (once per device) the first time it is asked.
+
+    A failed check warns once and makes this False on that device for the rest of the process.
+    """
+    if auto_loss_implementation(device, dtype) != "triton":
+        return False
+    from sae_lens_hierarchical.losses.self_check import triton_self_check
+
+    return triton_self_check(device).ok
 
 
 def hierarchical_mse_auto(
@@ -72,9 +119,9 @@ def hierarchical_mse_auto(
     levels: list[int],
     level_weights: list[float],
 ) -> HierarchicalMSE:
-    """The memory-flat loss, on the implementation :func:`auto_loss_implementation` picks for these tensors."""
+    """The memory-flat loss: the Triton kernels where :func:`auto_uses_triton`, else the fused torch loss."""
     dtype = functools.reduce(torch.promote_types, (sae_in.dtype, top_acts.dtype, W_dec.dtype, b_dec.dtype))
-    loss_fn = HIERARCHICAL_LOSSES[auto_loss_implementation(sae_in.device, dtype)]
+    loss_fn = HIERARCHICAL_LOSSES["triton" if auto_uses_triton(sae_in.device, dtype) else "fused"]
     return loss_fn(sae_in, top_acts, top_indices, W_dec, b_dec, levels, level_weights)
 
 
@@ -89,10 +136,14 @@ HIERARCHICAL_LOSSES: dict[str, HierarchicalLossFn] = {
 
 __all__ = [
     "HIERARCHICAL_LOSSES",
+    "TRITON_DEVICE_TYPES",
     "TRITON_DTYPES",
+    "AutoChoice",
     "HierarchicalLossFn",
     "HierarchicalMSE",
+    "auto_loss_choice",
     "auto_loss_implementation",
+    "auto_uses_triton",
     "check_levels",
     "default_tiling",
     "hierarchical_mse_auto",
