@@ -309,8 +309,9 @@ def test_the_sparse_encoder_backward_follows_the_verdict(monkeypatch: pytest.Mon
     "triton" always may, "fused" never does."""
     from sae_lens_hierarchical import HierarchicalTopKTrainingSAE, HierarchicalTopKTrainingSAEConfig
 
-    if not passes:
-        monkeypatch.setattr(self_check, "hierarchical_mse_triton", broken_loss("W_dec", []))
+    # Stand-ins for the loss kernels (the simulated GPU is the CPU, where compiled kernels cannot run): correct or not.
+    correct_or_broken = hierarchical_mse_fused if passes else broken_loss("W_dec", [])
+    monkeypatch.setattr(self_check, "hierarchical_mse_triton", correct_or_broken)
     centered = torch.randn(3, 8)
     allowed = {}
     for implementation in ("auto", "triton", "fused"):
