@@ -7,7 +7,9 @@ trainer runs as two real torchrun processes on halves of the same batches (tests
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -89,9 +91,15 @@ def test_data_parallel_shares_batches_and_corpus_evenly():
 
     from sae_lens_hierarchical.presets import tiny_runner_config
 
-    cfg = tiny_runner_config(None, training_tokens=10_000, train_batch_size_tokens=256)
-    rank_cfg = DataParallel(rank=1, world_size=4, local_rank=1).runner_config(cfg)
-    assert (rank_cfg.train_batch_size_tokens, rank_cfg.training_tokens) == (64, 39 * 64)  # 39 steps of 256 in all
+    for training_tokens in (10_000, 10_240):  # 39 whole batches of 256 and a part of one; exactly 40
+        cfg = tiny_runner_config(None, training_tokens=training_tokens, train_batch_size_tokens=256)
+        rank_cfg = DataParallel(rank=1, world_size=4, local_rank=1).runner_config(cfg)
+        assert rank_cfg.train_batch_size_tokens == 64
+        one, rank = cfg.to_sae_trainer_config(), rank_cfg.to_sae_trainer_config()
+        # SAELens's loop steps until training_tokens samples were seen; its schedules count total_training_steps.
+        loop_steps = [math.ceil(c.total_training_samples / c.train_batch_size_samples) for c in (one, rank)]
+        assert loop_steps[0] == loop_steps[1] == 40
+        assert one.total_training_steps == rank.total_training_steps
     assert SINGLE_PROCESS.runner_config(cfg) is cfg
     with pytest.raises(ValueError, match="train_batch_size_tokens=256 must be divisible by the 3"):
         DataParallel(rank=0, world_size=3, local_rank=0).runner_config(cfg)
@@ -130,13 +138,24 @@ def test_torchrun_train_writes_one_sae_from_every_ranks_share(tmp_path: Path):
     assert result.stdout.count("SAE saved to") == 1  # only rank 0 reports
     job = json.loads((output / "job.json").read_text())
     assert job["data_parallel_processes"] == 2 and job["training_tokens"] == 20_000
-    shares = sorted(path.name.split("-train-")[1].rsplit("-", 1)[0] for path in cache.glob("*-train-*"))
+    shares = sorted(re.search(r"-train\d+-(rank\dof2)-", path.name).group(1) for path in cache.glob("*-train*"))
     assert shares == ["rank0of2", "rank1of2"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["cache", "run"]  # no scratch directory left
     from sae_lens_hierarchical.loading import load_sae
 
     sae = load_sae(output / "sae")
     assert torch.isfinite(sae.W_enc).all() and len(json.loads((output / "per_k.json").read_text())["per_k"]) > 1
+
+
+def _rank_process(torchrun_pid: int, rank: int) -> psutil.Process:
+    """The worker process of ``rank`` under a torchrun (children that exit while being read are passed over)."""
+    for child in psutil.Process(torchrun_pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank) and "sae_lens_hierarchical" in " ".join(child.cmdline()):
+                return child
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    raise AssertionError(f"no worker of rank {rank} under torchrun {torchrun_pid}")
 
 
 def _compare_command(output: Path, cache: Path) -> list[str]:
@@ -174,12 +193,7 @@ def test_a_killed_rank_stops_the_job_and_the_rerun_resumes_from_the_last_checkpo
             assert job.poll() is None, "the job ended before its first checkpoint"
             assert time.monotonic() < deadline, "no checkpoint within 600 s"
             time.sleep(0.05)
-        rank1 = next(
-            child
-            for child in psutil.Process(job.pid).children(recursive=True)
-            if child.environ().get("RANK") == "1" and "sae_lens_hierarchical" in " ".join(child.cmdline())
-        )
-        rank1.send_signal(signal.SIGKILL)
+        _rank_process(job.pid, rank=1).send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
         log, _ = job.communicate(timeout=FAULT_DEADLINE_S)
         stopped_after = time.monotonic() - killed_at
@@ -210,3 +224,25 @@ def test_a_runner_config_is_refused_under_a_multi_process_torchrun(tmp_path: Pat
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit, match=r"runs presets \(--preset\)"):
         cli.main(["train", "--config", str(config)])
+
+
+def test_each_share_is_cached_under_its_own_rows(tmp_path: Path):
+    """A rank's cached share holds exactly its rows of the training prefix; a longer prefix moves the rows of rank 1
+    (10 sequences: 5..9; 11: 6..10), so it must not reuse the other's cache."""
+    from sae_lens_hierarchical.jobs.common import prepare_embedded_activations
+    from sae_lens_hierarchical.presets import get_preset
+
+    preset = get_preset("tiny-random")
+    model = preset.load_model("cpu")
+    sequences = preset.load_token_sequences(model.tokenizer, preset.context_size)
+    rank1 = DataParallel(rank=1, world_size=2, local_rank=1)
+    directories = []
+    for n_train, rows in ((10, range(5, 10)), (11, range(6, 11))):
+        tokens = n_train * (preset.context_size - 1)
+        activations = prepare_embedded_activations(
+            preset, model, 500, tokens, cache_root=tmp_path, progress=False, parallel=rank1
+        )
+        cached = activations.train.load()[:]["token_ids"].long()
+        assert torch.equal(cached, torch.tensor(sequences.select(rows)["input_ids"]))
+        directories.append(activations.train.directory)
+    assert directories[0] != directories[1]

@@ -22,8 +22,9 @@ from datasets.distributed import split_dataset_by_node
 from sae_lens import LanguageModelSAERunnerConfig
 
 # How long a collective may wait for a rank before the job fails. torchrun's agent already stops every worker as
-# soon as one dies; this bounds a rank that hangs without dying (a stuck data loader, a deadlocked device).
-DEFAULT_COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+# soon as one dies; this bounds a rank that hangs without dying (a stuck data loader, a deadlocked device). Each rank
+# caches its share of an embedded corpus before the first collective, so uneven caching time counts against it.
+DEFAULT_COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 
 DatasetT = TypeVar("DatasetT", Dataset, IterableDataset)
 RunnerConfigT = TypeVar("RunnerConfigT", bound=LanguageModelSAERunnerConfig)  # type: ignore[type-arg]
@@ -74,10 +75,11 @@ class DataParallel:
                 f"train_batch_size_tokens={batch} must be divisible by the {self.world_size} data-parallel processes "
                 "(each takes an equal share of every batch)"
             )
-        steps = cfg.training_tokens // batch
-        return replace(
-            cfg, train_batch_size_tokens=batch // self.world_size, training_tokens=steps * batch // self.world_size
-        )
+        # SAELens steps while fewer than training_tokens samples were seen (ceil(T/B) steps) and schedules over
+        # T // B of them; one sample more than whole rank batches keeps both counts.
+        rank_batch = batch // self.world_size
+        rank_tokens = cfg.training_tokens // batch * rank_batch + (1 if cfg.training_tokens % batch else 0)
+        return replace(cfg, train_batch_size_tokens=rank_batch, training_tokens=rank_tokens)
 
     def barrier(self) -> None:
         """Wait for every rank (a no-op alone)."""

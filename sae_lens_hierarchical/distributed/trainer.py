@@ -125,8 +125,12 @@ class DataParallelSAETrainer(SAETrainer):  # type: ignore[type-arg]
 
 
 def _sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
+    """The sum of ``tensor`` over ranks, on ``tensor``'s device; NCCL reduces GPU tensors only, so a CPU statistic (the
+    scaling estimate) travels through this rank's GPU there."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else tensor.device
+    on_device = tensor.to(device)
+    dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+    return on_device.to(tensor.device)
 
 
 @contextmanager

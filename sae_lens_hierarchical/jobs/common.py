@@ -138,7 +138,8 @@ def prepare_embedded_activations(
                 "train on more tokens or start fewer processes"
             )
         train = parallel.shard(sequences.select(range(n_train)))
-        split = f"train-rank{parallel.rank}of{parallel.world_size}" if parallel.active else "train"
+        # A share's rows depend on n_train and the number of ranks: both name its cache.
+        split = f"train{n_train}-rank{parallel.rank}of{parallel.world_size}" if parallel.active else "train"
         activations.train = cached(split, train)
         activations.train_sequences = train
     return activations

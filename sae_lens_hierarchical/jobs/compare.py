@@ -292,7 +292,9 @@ def train_suite(
     for sae in saes.values():
         for name in RUNNER_ONLY_METADATA:
             setattr(sae.cfg.metadata, name, getattr(cfg, name))
-    settings = {"members": [asdict(m) for m in members], "seed": seed, "runner": _json_safe(cfg.to_dict())}
+    # Each rank's device differs under torchrun (cuda:<local rank>); nothing else may differ between checkpoints.
+    runner_settings = {k: v for k, v in cfg.to_dict().items() if k not in ("device", "llm_device", "act_store_device")}
+    settings = {"members": [asdict(m) for m in members], "seed": seed, "runner": _json_safe(runner_settings)}
     if parallel.active:
         settings["data_parallel_processes"] = parallel.world_size
     trainer_cfg = replace(
