@@ -31,6 +31,8 @@
 #   gemma_2_2b_full_width  benchmarks/gemma_2_2b_full_width.py --device cuda, where it exists and takes --device.
 #   compare_tiny     `compare --preset tiny-random --device cuda` on one GPU: an end-to-end smoke run, and the
 #                    one-process time for ddp_tiny.
+#   ddp_nccl_one_gpu benchmarks/ddp_nccl_check.py: the data-parallel trainer in a one-process NCCL group against
+#                    SAELens's trainer (float64), so NCCL's own rules (GPU tensors only) are exercised on one GPU.
 #   ddp_tiny         with 2 or more GPUs (nvidia-smi -L): the same under `torchrun --nproc-per-node 2` (data-parallel).
 # Then summary.md: every step, its status, wall-clock seconds and log.
 #
@@ -311,6 +313,7 @@ fi
 
 run_step compare_tiny "${CLI[@]}" compare --preset tiny-random --device cuda --output-dir "$OUT/compare_tiny" \
     --downstream-tokens 0 --cache-dir "$CACHE_ROOT/one_gpu"
+run_step ddp_nccl_one_gpu "$PYTHON" benchmarks/ddp_nccl_check.py  # the data-parallel trainer over NCCL vs SAETrainer
 if ((N_GPUS >= 2)); then
     # torchrun is torch.distributed.run; the venv's Python runs it, so no PATH lookup can pick another torch.
     run_step ddp_tiny "$PYTHON" -m torch.distributed.run --nproc-per-node 2 -m sae_lens_hierarchical compare \
