@@ -26,7 +26,14 @@ from transformers import PreTrainedTokenizerBase
 
 from sae_lens_hierarchical.data.activation_cache import collect_activations
 from sae_lens_hierarchical.data.corpora import wikipedia_token_sequences
-from sae_lens_hierarchical.data.models import GEMMA_3_270M, UNPROCESSED, load_gemma_2_2b, load_gemma_3_270m
+from sae_lens_hierarchical.data.models import (
+    GEMMA_2_2B,
+    GEMMA_2_2B_HOOK,
+    GEMMA_3_270M,
+    UNPROCESSED,
+    load_gemma_2_2b,
+    load_gemma_3_270m,
+)
 from sae_lens_hierarchical.hierarchical_topk_sae import HierarchicalTopKTrainingSAEConfig
 from sae_lens_hierarchical.testing import (
     TINY_HOOK_NAME,
@@ -119,7 +126,7 @@ class Preset:
             train_batch_size_tokens=self.train_batch_size_tokens,
             # SAELens's mixing buffer holds n_batches_in_buffer * context_size tokens and must hold at least
             # one training batch (its defaults violate this for small contexts).
-            n_batches_in_buffer=max(16, 2 * self.train_batch_size_tokens // self.context_size),
+            n_batches_in_buffer=mixing_buffer_batches(self.train_batch_size_tokens, self.context_size),
             store_batch_size_prompts=8,
             lr=self.lr,
             lr_warm_up_steps=0,
@@ -134,6 +141,11 @@ class Preset:
         settings.update(copy.deepcopy(self.runner_defaults))
         settings.update(overrides)
         return LanguageModelSAERunnerConfig(sae=self.sae_config(**(sae_overrides or {})), **settings)
+
+
+def mixing_buffer_batches(train_batch_size_tokens: int, context_size: int) -> int:
+    """``n_batches_in_buffer`` for SAELens's mixing buffer: at least 16 sequences' worth, and two training batches."""
+    return max(16, -(-2 * train_batch_size_tokens // context_size))
 
 
 def tiny_runner_config(
@@ -201,8 +213,8 @@ PRESETS: dict[str, Preset] = {
     ),
     "gemma-2-2b": Preset(
         name="gemma-2-2b",
-        model_name="gemma-2-2b",
-        hook_name="blocks.12.hook_resid_post",
+        model_name=GEMMA_2_2B,
+        hook_name=GEMMA_2_2B_HOOK,
         d_in=2304,
         d_sae=65_536,
         k=128,

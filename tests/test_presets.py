@@ -49,3 +49,17 @@ def test_every_preset_builds_a_valid_runner_config(name: str) -> None:
 def test_unknown_preset_lists_the_choices() -> None:
     with pytest.raises(ValueError, match=r"unknown preset 'nope'; choose one of \["):
         presets.get_preset("nope")
+
+
+def test_overriding_the_batch_or_context_resizes_the_mixing_buffer_or_refuses_early() -> None:
+    """SAELens's mixing buffer must hold a training batch but checks only at the first batch (after caching);
+    overrides resize it with the batch and context, and an explicit size too small is one clear error now."""
+    from sae_lens_hierarchical.jobs.common import apply_overrides
+
+    cfg = presets.get_preset("tiny-random").runner_config(None)
+    for overrides in ({"train_batch_size_tokens": 4096}, {"context_size": 16, "train_batch_size_tokens": 1024}):
+        resized = apply_overrides(cfg, overrides)
+        assert resized.n_batches_in_buffer * resized.context_size >= resized.train_batch_size_tokens
+    assert apply_overrides(cfg, {"lr": 1e-3}).n_batches_in_buffer == cfg.n_batches_in_buffer
+    with pytest.raises(ValueError, match=r"n_batches_in_buffer=2 sequences of .* use at least"):
+        apply_overrides(cfg, {"n_batches_in_buffer": 2, "train_batch_size_tokens": 4096})

@@ -39,7 +39,7 @@ from sae_lens_hierarchical.evaluation import (
     format_markdown_table,
     plot_over_k,
 )
-from sae_lens_hierarchical.presets import Preset
+from sae_lens_hierarchical.presets import Preset, mixing_buffer_batches
 
 
 @dataclass
@@ -164,7 +164,23 @@ def apply_overrides(
             raise ValueError(f"unknown runner field {name!r}; see LanguageModelSAERunnerConfig, or use sae.<field>")
     if sae_changes:
         runner_changes["sae"] = replace(cfg.sae, **sae_changes)
-    return replace(cfg, **runner_changes) if runner_changes else cfg
+    # SAELens's mixing buffer (n_batches_in_buffer sequences) must hold a training batch; it checks only when the
+    # first batch is drawn, after the model is loaded and activations are cached. Resize it with the batch or
+    # context, or refuse an explicit size that cannot work.
+    resized = {**runner_changes}
+    if "n_batches_in_buffer" not in runner_changes:
+        batch = runner_changes.get("train_batch_size_tokens", cfg.train_batch_size_tokens)
+        context = runner_changes.get("context_size", cfg.context_size)
+        if cfg.n_batches_in_buffer * context < batch:
+            resized["n_batches_in_buffer"] = mixing_buffer_batches(batch, context)
+    result = replace(cfg, **resized) if resized else cfg
+    if result.n_batches_in_buffer * result.context_size < result.train_batch_size_tokens:
+        raise ValueError(
+            f"n_batches_in_buffer={result.n_batches_in_buffer} sequences of {result.context_size} tokens cannot hold "
+            f"one training batch of train_batch_size_tokens={result.train_batch_size_tokens}; use at least "
+            f"{-(-result.train_batch_size_tokens // result.context_size)}"
+        )
+    return result
 
 
 def write_report(results: list[BudgetMetrics], directory: Path, title: str) -> None:

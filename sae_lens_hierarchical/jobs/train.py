@@ -81,6 +81,8 @@ def run_training_job(
     downstream_tokens = preset.downstream_eval_tokens if downstream_tokens is None else downstream_tokens
     # Validate the configuration before any expensive work.
     cfg = apply_overrides(preset.runner_config(None, training_tokens=training_tokens, seed=seed), overrides or {})
+    if dataset is not None:  # the SAE's metadata and runner_cfg.json name what it was trained on, not the preset's
+        cfg = replace(cfg, dataset_path=f"a {type(dataset).__name__} passed to run_training_job")
     rank_cfg = parallel.runner_config(cfg)
     device = parallel.device(device)
     model = model if model is not None else preset.load_model(device)
