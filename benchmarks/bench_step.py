@@ -705,6 +705,8 @@ def main(argv: list[str] | None = None) -> None:
             )
             print(f"K={k:4d} {LABELS[name]:17s} {_ms(rows[-1]['median_s']):>8s} ms", file=sys.stderr, flush=True)
         gc.collect()
+        if args.device == "cuda":  # give the cached blocks back: each memory run is a subprocess on the same GPU
+            torch.cuda.empty_cache()
     if not args.no_memory:
         for row in rows:
             row.update(memory_in_subprocess(row["implementation"], row["k"], args))
