@@ -36,7 +36,13 @@ import torch
 from sae_lens import SAE
 from scipy.stats import spearmanr
 
-from sae_lens_hierarchical.evaluation.budgets import default_budgets, max_budget, ranked_latents
+from sae_lens_hierarchical.evaluation.budgets import (
+    default_budgets,
+    lower_median_rank,
+    max_budget,
+    rank_histogram,
+    ranked_latents,
+)
 from sae_lens_hierarchical.hierarchical_topk_sae import validate_k
 from sae_lens_hierarchical.interpretability.documents import TOPIC_TASK, LabelledDocuments
 from sae_lens_hierarchical.interpretability.probing import format_spread
@@ -103,24 +109,6 @@ class CoarseToFine:
     @classmethod
     def from_dict(cls, payload: dict[str, Any]) -> CoarseToFine:
         return cls(**{**payload, "bins": [RankBin(**b) for b in payload["bins"]]})
-
-
-def rank_histogram(top_acts: torch.Tensor, top_indices: torch.Tensor, d_sae: int) -> torch.Tensor:
-    """``[d_sae, ranks]`` int64: how often each latent has a positive activation at each rank, from a ranking
-    ``top_acts``, ``top_indices`` ``[tokens, ranks]`` (largest first)."""
-    n_ranks = top_indices.shape[1]
-    slots = top_indices * n_ranks + torch.arange(n_ranks)  # [tokens, ranks]: (latent, rank) as one index
-    fired = slots[top_acts > 0]
-    return torch.bincount(fired, minlength=d_sae * n_ranks).view(d_sae, n_ranks)
-
-
-def lower_median_rank(rank_counts: torch.Tensor) -> torch.Tensor:
-    """``[d_sae]`` int64: the smallest rank r (1-based) with at least half of a latent's firings at ranks <= r; 0 for
-    latents that never fired. ``rank_counts``: ``[d_sae, ranks]``."""
-    total = rank_counts.sum(dim=1, keepdim=True)
-    reached = 2 * rank_counts.cumsum(dim=1) >= total  # [d_sae, ranks]
-    median = reached.to(torch.int64).argmax(dim=1) + 1
-    return torch.where(total[:, 0] > 0, median, torch.zeros_like(median))
 
 
 def topic_entropy(topics: np.ndarray | torch.Tensor, n_topics: int) -> torch.Tensor:

@@ -25,7 +25,13 @@ from transformer_lens import HookedTransformer
 
 from sae_lens_hierarchical._files import check_new_directory, move_into_place, scratch_beside, write_new_directory
 from sae_lens_hierarchical.data.activation_cache import hook_activations
-from sae_lens_hierarchical.evaluation import max_budget, ranked_latents, resolve_budgets
+from sae_lens_hierarchical.evaluation import (
+    lower_median_rank,
+    max_budget,
+    rank_histogram,
+    ranked_latents,
+    resolve_budgets,
+)
 from sae_lens_hierarchical.loading import load_sae
 
 SUMMARY_FILENAME = "dashboard.json"
@@ -92,9 +98,7 @@ class LatentStatistics:
 
     def median_ranks(self) -> torch.Tensor:
         """``[d_sae]``: the median rank (the lower middle one of an even count) at which each fired; 0: never."""
-        cumulative = self.rank_counts.cumsum(dim=1)
-        total = cumulative[:, -1:]
-        return torch.where(total[:, 0] > 0, (cumulative < (total + 1) // 2).sum(dim=1) + 1, 0)
+        return lower_median_rank(self.rank_counts)
 
 
 class _Histograms:
@@ -190,7 +194,7 @@ def collect_latent_statistics(
     tracked = torch.arange(d_sae) if latents is None else latents
     column_of = torch.full((d_sae,), -1, dtype=torch.long)
     column_of[tracked] = torch.arange(len(tracked))
-    rank_counts = torch.zeros(d_sae * n_ranks, dtype=torch.long)
+    rank_counts = torch.zeros(d_sae, n_ranks, dtype=torch.long)
     contexts = [_TopContexts(n_contexts, len(tracked), window) for _ in ks]
     histograms = _Histograms(len(tracked))
     max_activations = torch.zeros(len(tracked), dtype=torch.float64)
@@ -205,8 +209,7 @@ def collect_latent_statistics(
         top_acts, top_indices = top_acts.double().cpu(), top_indices.cpu()
         fired = top_acts > 0
         n_tokens += len(x)
-        slots = (top_indices * n_ranks + torch.arange(n_ranks))[fired]
-        rank_counts.index_add_(0, slots, torch.ones_like(slots))
+        rank_counts += rank_histogram(top_acts, top_indices, d_sae)
         columns = column_of[top_indices]
         rows = keep.nonzero().squeeze(1)[:, None].expand_as(top_indices)  # each token's row in the [B * C] batch
         width = max(1, DENSE_ELEMENTS // len(keep))  # latents per dense slice
@@ -226,7 +229,7 @@ def collect_latent_statistics(
     return LatentStatistics(
         ks,
         n_tokens,
-        rank_counts.view(d_sae, n_ranks),
+        rank_counts,
         tracked,
         *kept,
         histograms.counts,
