@@ -35,6 +35,7 @@ from torch import nn
 from typing_extensions import Self, override
 
 from sae_lens_hierarchical._files import save_files_atomically
+from sae_lens_hierarchical.budget import Budget, is_int, validate_k, validate_threshold
 from sae_lens_hierarchical.losses import (
     HIERARCHICAL_LOSSES,
     auto_uses_triton,
@@ -57,17 +58,6 @@ SCHEDULE_COEFFICIENT = "hierarchy_schedule"
 _SCHEDULE_STAGES = 64
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def validate_k(k: object, max_k: int) -> int:
-    """Return ``k`` if it is a valid inference budget for an SAE trained with ``K = max_k``."""
-    if not _is_int(k) or not 1 <= k <= max_k:  # type: ignore[operator]
-        raise ValueError(f"k must be an int in 1..K={max_k} (the largest budget this SAE was trained for); got k={k!r}")
-    return k  # type: ignore[return-value]
-
-
 # ``k`` has no usable default in our configs: SAELens's TopK defaults to k=100, which would silently give a saved SAE
 # whose cfg.json lost its ``k`` the wrong largest budget. K must always be given.
 
@@ -78,7 +68,7 @@ def _validate_max_k(k: object, d_sae: int) -> None:
             f"k (K, the largest budget the SAE was trained for) must be given, as an int in 1..d_sae={d_sae}; a saved "
             "cfg.json must contain it (SAELens's TopK default k=100 is deliberately not used)"
         )
-    if not _is_int(k) or not 1 <= k <= d_sae:  # type: ignore[operator]
+    if not is_int(k) or not 1 <= k <= d_sae:  # type: ignore[operator]
         raise ValueError(f"k (K, the largest budget) must be an int in 1..d_sae={d_sae}; got k={k!r}")
 
 
@@ -95,27 +85,35 @@ def resolve_level_weights(levels: list[int], hierarchy_weights: list[float] | No
 
 
 class NestedTopK(nn.Module):
-    """ReLU of the top-k of the *sorted* top-K pre-activations, returned dense ``[..., d_sae]``.
+    """ReLU of a budget's share of the *sorted* top-K pre-activations, returned dense ``[..., d_sae]``.
 
     Slicing one sorted top-K (instead of calling ``topk(k)``) guarantees that budget k selects exactly the
-    first k latents of budget K, ties included. ``k`` is the SAE's default budget (``set_k``); callers pass
-    an explicit budget as ``forward(hidden_pre, k)``.
+    first k latents of budget K, ties included, and a threshold keeps a per-token prefix of the same ranking.
+    ``k`` and ``threshold`` are the SAE's default budget (``set_k``, ``set_threshold``); callers pass an explicit
+    budget as ``forward(hidden_pre, k, threshold)``.
     """
 
     def __init__(self, max_k: int):
         super().__init__()
         self.max_k = max_k
         self.k = max_k
+        self.threshold: float | None = None
 
     def top_k(self, hidden_pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``([..., K] values >= 0 sorted descending, [..., K] latent indices)`` of the K largest."""
         values, indices = torch.topk(hidden_pre, k=self.max_k, dim=-1, sorted=True)
         return values.relu(), indices
 
-    def forward(self, hidden_pre: torch.Tensor, k: int | None = None) -> torch.Tensor:
-        k = self.k if k is None else validate_k(k, self.max_k)
+    def forward(self, hidden_pre: torch.Tensor, k: int | None = None, threshold: float | None = None) -> torch.Tensor:
+        budget = Budget(self.k if k is None else k, self.threshold if threshold is None else threshold).validated(
+            self.max_k
+        )
         values, indices = self.top_k(hidden_pre)
-        return torch.zeros_like(hidden_pre).scatter(-1, indices[..., :k], values[..., :k])
+        n_ranks = budget.ranks(self.max_k)
+        values, indices = values[..., :n_ranks], indices[..., :n_ranks]
+        if budget.threshold is not None:
+            values = torch.where(budget.keep(values), values, 0.0)
+        return torch.zeros_like(hidden_pre).scatter(-1, indices, values)
 
 
 def check_sae_input(sae_in: torch.Tensor, d_in: int, hook_z_reshaping: bool = False) -> None:
@@ -138,10 +136,10 @@ def check_sae_input(sae_in: torch.Tensor, d_in: int, hook_z_reshaping: bool = Fa
 
 T_CFG = TypeVar("T_CFG", "HierarchicalTopKSAEConfig", "HierarchicalTopKTrainingSAEConfig")
 
-# ``use_k`` budgets: {id(sae): k}, an immutable mapping per context, so per thread and per asyncio task, and restored
-# by token on exit whatever ran in between. Keyed by id rather than stored on the SAE so that SAEs stay deep-copyable;
-# an entry lives only inside a ``use_k`` block, which holds its SAE alive.
-_USE_K_BUDGETS: ContextVar[dict[int, int]] = ContextVar("sae_lens_hierarchical_use_k", default={})  # noqa: B039
+# ``use_k`` / ``use_threshold`` budgets: {id(sae): Budget}, an immutable mapping per context, so per thread and per
+# asyncio task, and restored by token on exit whatever ran in between. Keyed by id rather than stored on the SAE so that
+# SAEs stay deep-copyable; an entry lives only inside a ``use_*`` block, which holds its SAE alive.
+_USE_K_BUDGETS: ContextVar[dict[int, Budget]] = ContextVar("sae_lens_hierarchical_use_k", default={})  # noqa: B039
 
 
 def _applied_to_root(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -177,20 +175,37 @@ class VariableKMixin(Generic[T_CFG]):
     activation_fn: NestedTopK
 
     @property
-    def k(self) -> int:
-        """The budget ``encode(x)`` uses: the innermost ``use_k`` of this thread/task, else the ``set_k`` default."""
+    def budget(self) -> Budget:
+        """The budget ``encode(x)`` uses: the innermost ``use_k``/``use_threshold`` of this thread/task, else the
+        ``set_k``/``set_threshold`` defaults. Its ``k`` is never None here."""
         budgets = _USE_K_BUDGETS.get()
         if budgets and id(self) in budgets:  # no identity check otherwise: compiled code stays shared across SAEs
             return budgets[id(self)]
-        return self.activation_fn.k
+        return Budget(self.activation_fn.k, self.activation_fn.threshold)
+
+    @property
+    def k(self) -> int:
+        """The budget k ``encode(x)`` uses (see :attr:`budget`)."""
+        return self.budget.k  # type: ignore[return-value]
 
     @k.setter
     def k(self, k: int) -> None:
         self.set_k(k)
 
+    @property
+    def threshold(self) -> float | None:
+        """The threshold ``encode(x)`` uses, None for none (see :attr:`budget`)."""
+        return self.budget.threshold
+
     def set_k(self, k: int) -> None:
         """Use budget ``k`` (1..K) from now on, in every thread; nothing is retrained, top-k is a prefix of top-K."""
         self.activation_fn.k = validate_k(k, self.cfg.k)
+
+    def set_threshold(self, threshold: float | None) -> None:
+        """Keep only activations >= ``threshold`` (> 0) from now on, in every thread, on top of the budget k (None:
+        no threshold). Each token keeps a prefix of its own ranking, so tokens spend different numbers of latents;
+        :func:`sae_lens_hierarchical.calibrate_threshold` finds the threshold of a target mean L0."""
+        self.activation_fn.threshold = None if threshold is None else validate_threshold(threshold)
 
     @contextmanager
     def use_k(self, k: int) -> Iterator[None]:
@@ -199,16 +214,32 @@ class VariableKMixin(Generic[T_CFG]):
         Safe under threads and tasks: the budget is kept in a ``contextvars`` context, so other threads and tasks
         keep theirs; blocks nest. ``set_k`` inside a block takes effect after it. For one SAE at two budgets in one
         thread, use ``at_k``. Under ``torch.compile``, pass ``k=`` instead: a state budget is a constant to dynamo.
+        The threshold in effect (if any) still applies.
         """
-        k = validate_k(k, self.cfg.k)
-        token = _USE_K_BUDGETS.set({**_USE_K_BUDGETS.get(), id(self): k})
+        with self._use_budget(Budget(validate_k(k, self.cfg.k), self.threshold)):
+            yield
+
+    @contextmanager
+    def use_threshold(self, threshold: float | None) -> Iterator[None]:
+        """Like :meth:`use_k`, for the threshold (None: none inside the block); the budget k in effect still applies."""
+        threshold = None if threshold is None else validate_threshold(threshold)
+        with self._use_budget(Budget(self.k, threshold)):
+            yield
+
+    @contextmanager
+    def _use_budget(self, budget: Budget) -> Iterator[None]:
+        token = _USE_K_BUDGETS.set({**_USE_K_BUDGETS.get(), id(self): budget})
         try:
             yield
         finally:
             _USE_K_BUDGETS.reset(token)
 
-    def _budget(self, k: int | None) -> int:
-        return self.k if k is None else validate_k(k, self.cfg.k)
+    def _budget(self, k: int | None, threshold: float | None = None) -> Budget:
+        """The budget of a call: ``k`` and ``threshold`` when given, else the ones in effect."""
+        current = self.budget
+        return Budget(current.k if k is None else k, current.threshold if threshold is None else threshold).validated(
+            self.cfg.k
+        )
 
     # Set on views only (see ``at_k``): the SAE whose parameters a view shares.
     _view_root: Any = None
@@ -221,7 +252,14 @@ class VariableKMixin(Generic[T_CFG]):
         attached at two budgets (``HookedSAETransformer.add_sae(sae.at_k(4))``). Everything else stays the SAE's:
         ``to`` and the ``fold_*`` methods on either one change both, and a view refuses to load weights or train.
         """
-        k = validate_k(k, self.cfg.k)
+        return self._view(Budget(validate_k(k, self.cfg.k)))
+
+    def at_threshold(self, threshold: float) -> Self:
+        """A view of this SAE that keeps, per token, the activations >= ``threshold`` (at most K): like :meth:`at_k`,
+        sharing the parameters, with its own hooks and budget."""
+        return self._view(Budget(self.cfg.k, validate_threshold(threshold)))
+
+    def _view(self, budget: Budget) -> Self:
         root = self._view_root if self._view_root is not None else self
         cfg = copy.deepcopy(root.cfg)
         cfg.metadata = copy.deepcopy(self.cfg.metadata)
@@ -234,7 +272,8 @@ class VariableKMixin(Generic[T_CFG]):
         root.__dict__.setdefault("_view_refs", []).append(weakref.ref(view))
         root._sync_views()
         view.train(self.training)  # type: ignore[attr-defined]
-        view.set_k(k)
+        view.set_k(budget.k)  # type: ignore[arg-type]
+        view.set_threshold(budget.threshold)
         return view
 
     def _sync_views(self) -> None:
@@ -275,9 +314,14 @@ class VariableKMixin(Generic[T_CFG]):
 
     def _refuse_on_view(self, action: str) -> None:
         if self._view_root is not None:
-            raise ValueError(
-                f"this SAE is an at_k({self.activation_fn.k}) view and cannot {action}; use the SAE itself"
-            )
+            raise ValueError(f"this SAE is an {self._view_name()} view and cannot {action}; use the SAE itself")
+
+    def _view_name(self) -> str:
+        budget = self.budget
+        if budget.threshold is None:
+            return f"at_k({budget.k})"
+        name = f"at_threshold({budget.threshold:.6g})"
+        return name if budget.k == self.cfg.k else f"{name} at_k({budget.k})"
 
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """The nested top-K activation, for SAELens's constructor (both SAEs rank the same way)."""
@@ -321,31 +365,37 @@ class VariableKMixin(Generic[T_CFG]):
         top_acts, top_indices = self.activation_fn.top_k(self._scaled_hidden_pre(self.process_sae_in(x)))
         return top_acts[..., :n_ranks], top_indices[..., :n_ranks]
 
-    def encode(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
-        """``[..., d_in] -> [..., d_sae]`` activations at budget ``k`` (default: the current ``self.k``)."""
+    def encode(self, x: torch.Tensor, k: int | None = None, threshold: float | None = None) -> torch.Tensor:
+        """``[..., d_in] -> [..., d_sae]`` activations at budget ``k`` and/or ``threshold`` (default: the ones in
+        effect, :attr:`budget`): at most k per token, and only those >= threshold."""
+        budget = self._budget(k, threshold)
         hidden_pre = self._scaled_hidden_pre(self.process_sae_in(x))
-        return self.hook_sae_acts_post(self.activation_fn(hidden_pre, self._budget(k)))  # type: ignore[attr-defined]
+        return self.hook_sae_acts_post(self.activation_fn(hidden_pre, budget.k, budget.threshold))  # type: ignore[attr-defined]
 
-    def forward(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
-        """Reconstruction at budget ``k`` (default: the current ``self.k``), decoded sparsely when nothing watches.
+    def forward(self, x: torch.Tensor, k: int | None = None, threshold: float | None = None) -> torch.Tensor:
+        """Reconstruction at budget ``k`` and/or ``threshold`` (default: those in effect), decoded sparsely when
+        nothing watches.
 
         SAELens's path scatters dense ``[..., d_sae]`` activations and multiplies them by the whole decoder. When no
         hook watches or edits the activations, no error term is wanted, ``encode``/``decode`` are not overridden and
         autocast is off, the output is the same sum of k decoder rows, from ``embedding_bag`` (no ``[..., k, d_in]``).
         """
-        k = self._budget(k)
+        budget = self._budget(k, threshold)
         if (
             self.use_error_term  # type: ignore[attr-defined]
             or _has_hooks(self.hook_sae_acts_post)  # type: ignore[attr-defined]
             or self._overrides_methods()
             or torch.is_autocast_enabled(x.device.type)  # SAELens's decode rounds to the autocast dtype
         ):
-            with self.use_k(k):
+            with self._use_budget(budget):
                 return super().forward(x)  # type: ignore[misc]
         hidden_pre = self._scaled_hidden_pre(self.process_sae_in(x))
         top_acts, top_indices = self.activation_fn.top_k(hidden_pre)
-        coefficients = self.decoder_coefficients(top_acts[..., :k], top_indices[..., :k])
-        decoded = decode_rows(self.W_dec, top_indices[..., :k], coefficients)  # type: ignore[attr-defined]
+        top_acts, top_indices = top_acts[..., : budget.k], top_indices[..., : budget.k]
+        coefficients = self.decoder_coefficients(top_acts, top_indices)
+        if budget.threshold is not None:
+            coefficients = torch.where(budget.keep(top_acts), coefficients, 0.0)
+        decoded = decode_rows(self.W_dec, top_indices, coefficients)  # type: ignore[attr-defined]
         sae_out_pre = self.hook_sae_recons(decoded + self.b_dec)  # type: ignore[attr-defined]
         sae_out = self.reshape_fn_out(self.run_time_activation_norm_fn_out(sae_out_pre), self.d_head)  # type: ignore[attr-defined]
         return self.hook_sae_output(sae_out)  # type: ignore[attr-defined]
@@ -523,7 +573,7 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
 
     def _validate_schedule(self) -> None:
         steps = self.hierarchy_schedule_steps
-        if not _is_int(steps) or steps < 0:
+        if not is_int(steps) or steps < 0:
             raise ValueError(f"hierarchy_schedule_steps must be an int >= 0; got {steps!r}")
         if self.hierarchy_final_weights is None:
             if steps:
@@ -593,7 +643,7 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
         # ``b_dec_init="mean"`` applies to a freshly built SAE only: any weights loaded into it (SAELens's
         # ``load_from_disk`` for fine-tuning, ``load_weights_from_checkpoint`` on resume) are trained and are kept.
         self.b_dec_pending_mean_init = cfg.b_dec_init == "mean"
-        self.register_load_state_dict_post_hook(_weights_loaded)
+        self.register_load_state_dict_post_hook(trained_b_dec_loaded)
 
     @override
     def get_coefficients(self) -> dict[str, TrainCoefficientConfig | float]:
@@ -610,14 +660,16 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
     @override
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden_pre = self._scaled_hidden_pre(self.process_sae_in(x))
-        return self.hook_sae_acts_post(self.activation_fn(hidden_pre, self.k)), hidden_pre
+        budget = self.budget
+        return self.hook_sae_acts_post(self.activation_fn(hidden_pre, budget.k, budget.threshold)), hidden_pre
 
     @override
-    def encode(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
-        """``[..., d_in] -> [..., d_sae]`` at budget ``k``, via a subclass's ``encode_with_hidden_pre`` if any."""
+    def encode(self, x: torch.Tensor, k: int | None = None, threshold: float | None = None) -> torch.Tensor:
+        """``[..., d_in] -> [..., d_sae]`` at budget ``k`` and/or ``threshold``, via a subclass's
+        ``encode_with_hidden_pre`` if any."""
         if type(self).encode_with_hidden_pre is HierarchicalTopKTrainingSAE.encode_with_hidden_pre:
-            return super().encode(x, k)
-        with self.use_k(self._budget(k)):
+            return super().encode(x, k, threshold)
+        with self._use_budget(self._budget(k, threshold)):
             return self.encode_with_hidden_pre(x)[0]
 
     @override
@@ -767,7 +819,7 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
         latents ranked <= j by ``hidden_pre``; latents a hook activates outside the top-K count at every level, edits
         to the kept ones count from their rank. Memory: one dense ``[tokens, d_sae]`` graph per level.
         """
-        with self.use_k(self.cfg.k):
+        with self._use_budget(Budget(self.cfg.k)):  # training ranks at K, whatever budget serving was set to
             feature_acts, hidden_pre = self.encode_with_hidden_pre(sae_in)
         top_indices = self.activation_fn.top_k(hidden_pre)[1]
         level_mses = []
@@ -802,7 +854,7 @@ def _dead_columns(dead_neuron_mask: torch.Tensor | None, d_sae: int, device: tor
     return dead_neuron_mask.nonzero().reshape(-1).to(device)
 
 
-def _weights_loaded(module: nn.Module, incompatible_keys: Any) -> None:
+def trained_b_dec_loaded(module: nn.Module, incompatible_keys: Any) -> None:
     """A loaded b_dec is a trained b_dec: no initialisation may overwrite it (``load_state_dict`` post-hook)."""
     if "b_dec" not in incompatible_keys.missing_keys:
         module.b_dec_pending_mean_init = False

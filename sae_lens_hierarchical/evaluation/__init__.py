@@ -1,12 +1,15 @@
-"""Evaluation at every budget k: budgets and rankings, reconstruction metrics, CE/KL scores.
+"""Evaluation at every budget (k, or a threshold for a target mean L0): budgets and rankings, threshold calibration,
+reconstruction metrics, CE/KL scores.
 
-``evaluate_over_k`` is the entry point. Tables and plots live in :mod:`sae_lens_hierarchical.reporting` (re-exported
+``evaluate_over_k`` and ``evaluate_over_mean_l0`` are the entry points. Tables and plots live in
+:mod:`sae_lens_hierarchical.reporting` (re-exported
 here, so ``from sae_lens_hierarchical.evaluation import evaluate_over_k, format_markdown_table`` keeps working).
 """
 
 from typing import Any
 
 from sae_lens_hierarchical.evaluation.budgets import (
+    budget_reconstructions,
     default_budgets,
     flat_inputs,
     latent_activations,
@@ -17,8 +20,21 @@ from sae_lens_hierarchical.evaluation.budgets import (
     ranked_latents,
     resolve_budgets,
 )
-from sae_lens_hierarchical.evaluation.downstream import downstream_metrics_over_k
-from sae_lens_hierarchical.evaluation.metrics import BudgetMetrics, BudgetResults, FirstRanks, evaluate_over_k
+from sae_lens_hierarchical.evaluation.downstream import downstream_metrics, downstream_metrics_over_k
+from sae_lens_hierarchical.evaluation.metrics import (
+    BudgetMetrics,
+    BudgetResults,
+    FirstRanks,
+    evaluate_budgets,
+    evaluate_over_k,
+    evaluate_over_mean_l0,
+)
+from sae_lens_hierarchical.evaluation.thresholds import (
+    calibrate_threshold,
+    calibrate_thresholds,
+    ranking_values,
+    thresholds_for_mean_l0,
+)
 
 # Tables and plots moved to sae_lens_hierarchical.reporting; served from here on first use (not imported eagerly, so
 # that reporting, which builds on this package, and this package do not import each other).
@@ -49,11 +65,17 @@ __all__ = [
     "BudgetMetrics",
     "BudgetResults",
     "FirstRanks",
+    "budget_reconstructions",
     "by_family",
+    "calibrate_threshold",
+    "calibrate_thresholds",
     "default_budgets",
+    "downstream_metrics",
     "downstream_metrics_over_k",
     "draw_first_ranks",
+    "evaluate_budgets",
     "evaluate_over_k",
+    "evaluate_over_mean_l0",
     "figure_over_k",
     "flat_inputs",
     "format_comparison_table",
@@ -68,5 +90,7 @@ __all__ = [
     "prefix_reconstructions",
     "rank_histogram",
     "ranked_latents",
+    "ranking_values",
     "resolve_budgets",
+    "thresholds_for_mean_l0",
 ]

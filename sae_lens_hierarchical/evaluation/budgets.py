@@ -1,21 +1,25 @@
-"""Budgets and rankings: what "an SAE at budget k" means for any TopK-family SAE, and its prefix reconstructions.
+"""Budgets and rankings: what "an SAE at a budget" means for any SAELens SAE, and its reconstructions there.
 
-The ranking of a token's K latents is computed once; the reconstruction at budget k is the running sum of the first
-k ranked decoder rows. For a HierarchicalTopK SAE budget k is exactly what ``encode(x, k=k)`` gives; for any other
-SAELens SAE (TopK, BatchTopK, ...) it is that SAE truncated to its k largest activations, the natural baseline for
-"train at K, run at k".
+The ranking of a token's active latents is computed once; a budget (:class:`~sae_lens_hierarchical.budget.Budget`)
+keeps a prefix of it: the first k ranks, the ranks whose activation is >= a threshold, or both. For a
+HierarchicalTopK SAE that is exactly what ``encode(x, k=, threshold=)`` gives; any other SAELens SAE (TopK, JumpReLU,
+BatchTopK, ...) is ranked by its own activations, so budget k is that SAE truncated to its k largest (the natural
+baseline for "train at K, run at k") and a threshold keeps, of what it activates, those >= the threshold.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from sae_lens import SAE
+from sae_lens.saes.jumprelu_sae import JumpReLUSAE
 
-from sae_lens_hierarchical.hierarchical_topk_sae import VariableKMixin, decode_rows, validate_k
+from sae_lens_hierarchical.budget import Budget, validate_k
+from sae_lens_hierarchical.hierarchical_topk_sae import VariableKMixin, decode_rows
 
 
 def max_budget(sae: SAE[Any]) -> int | None:
@@ -57,17 +61,36 @@ def flat_inputs(sae: SAE[Any]) -> Iterator[None]:
         sae.turn_on_forward_pass_hook_z_reshaping()
 
 
-def ranked_latents(sae: SAE[Any], x: torch.Tensor, n_ranks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def with_global_threshold_lifted(sae: SAE[Any]) -> SAE[Any]:
+    """For serving at a new global threshold: a JumpReLU SAE whose thresholds are all one value (BatchTopK and
+    Matryoshka SAEs as SAELens saves them) becomes a copy with that threshold at 0 (plain ReLU), so a new threshold
+    *replaces* the trained one and the mean L0 can go up as well as down; any other SAE is returned as it is (a
+    threshold then applies on top of what it activates)."""
+    if not isinstance(sae, JumpReLUSAE) or not bool((sae.threshold == sae.threshold.flatten()[0]).all()):
+        return sae
+    lifted = copy.deepcopy(sae)
+    with torch.no_grad():
+        lifted.threshold.zero_()
+    return lifted
+
+
+def ranked_latents(
+    sae: SAE[Any], x: torch.Tensor, n_ranks: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(activations, latent indices, decoder coefficients)``, each ``[tokens, n_ranks]``, largest first.
 
     HierarchicalTopK SAEs use their own nested ranking; other SAEs are encoded and their active latents
-    ranked by activation, which is what truncating them to k keeps.
+    ranked by activation, which is what truncating them to k keeps. ``n_ranks=None`` ranks everything the SAE keeps:
+    K for TopK-family SAEs, else as many as the most active token of ``x`` has (at least 1).
     """
     with flat_inputs(sae):
         if isinstance(sae, VariableKMixin):
             top_acts, top_indices = sae.encode_top_k(x, k=n_ranks)
             return top_acts, top_indices, sae.decoder_coefficients(top_acts, top_indices)
-        top_acts, top_indices = sae.encode(x).topk(n_ranks, dim=-1, sorted=True)
+        acts = sae.encode(x)
+    if n_ranks is None:
+        n_ranks = max_budget(sae) or max(1, int((acts > 0).sum(dim=-1).max()))
+    top_acts, top_indices = acts.topk(n_ranks, dim=-1, sorted=True)
     coefficients = top_acts
     if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
         coefficients = top_acts / sae.W_dec.norm(dim=-1)[top_indices]
@@ -87,24 +110,33 @@ def latent_activations(sae: SAE[Any], x: torch.Tensor, k: int) -> torch.Tensor:
     return dense.scatter_(1, top_indices, top_acts)
 
 
+def budget_reconstructions(
+    sae: SAE[Any], x: torch.Tensor, budgets: list[Budget]
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Reconstructions of ``x`` ``[tokens, d_in]`` at each budget, from one ranking.
+
+    Returns ``(reconstructions [tokens, d_in] per budget, which ranks each budget keeps [tokens, ranks it can use]
+    per budget, ranked activations, ranked indices)``. Each budget decodes only the rows it keeps with
+    ``embedding_bag``, so no ``[tokens, ranks, d_in]`` tensor of gathered rows is ever built (600 MB at d_in 2304,
+    K 128 and 1024 tokens).
+    """
+    bounded = all(budget.k is not None for budget in budgets)
+    top_acts, top_indices, coefficients = ranked_latents(sae, x, max(b.k for b in budgets) if bounded else None)
+    reconstructions, kept_ranks = [], []
+    for budget in budgets:
+        n_ranks = budget.ranks(top_acts.shape[-1])
+        kept = budget.keep(top_acts[:, :n_ranks])
+        decoded = decode_rows(sae.W_dec, top_indices[:, :n_ranks], torch.where(kept, coefficients[:, :n_ranks], 0.0))
+        reconstructions.append(sae.run_time_activation_norm_fn_out(decoded + sae.b_dec))
+        kept_ranks.append(kept)
+    return reconstructions, kept_ranks, top_acts, top_indices
+
+
 def prefix_reconstructions(
     sae: SAE[Any], x: torch.Tensor, ks: list[int]
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Reconstructions of ``x`` ``[tokens, d_in]`` at each budget in sorted ``ks``, and the ranking used.
-
-    Each budget adds the decoder rows of ranks ``previous..k`` to the last reconstruction with ``embedding_bag``,
-    so no ``[tokens, k - previous, d_in]`` tensor of gathered rows is ever built (600 MB at d_in 2304, K 128 and
-    1024 tokens); the extra memory is one ``[tokens, d_in]`` reconstruction per budget.
-    """
-    top_acts, top_indices, coefficients = ranked_latents(sae, x, ks[-1])
-    reconstruction = sae.b_dec.expand_as(x)
-    reconstructions = []
-    previous = 0
-    for k in ks:
-        block = decode_rows(sae.W_dec, top_indices[:, previous:k], coefficients[:, previous:k])  # [tokens, d_in]
-        reconstruction = reconstruction + block
-        reconstructions.append(sae.run_time_activation_norm_fn_out(reconstruction))
-        previous = k
+    """Reconstructions of ``x`` ``[tokens, d_in]`` at each budget k in sorted ``ks``, and the ranking used."""
+    reconstructions, _, top_acts, top_indices = budget_reconstructions(sae, x, [Budget(k) for k in ks])
     return reconstructions, top_acts, top_indices
 
 

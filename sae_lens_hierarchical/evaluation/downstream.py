@@ -1,4 +1,4 @@
-"""CE-loss and KL scores at every budget, with the reconstruction spliced into the model.
+"""CE-loss and KL scores at every budget (k or threshold), with the reconstruction spliced into the model.
 
 Definitions follow ``sae_lens.evals.get_recons_loss``: the reconstruction is spliced into the model at the SAE's hook
 (special-token positions keep their clean activations), zero ablation of the hook is the floor, and
@@ -16,10 +16,10 @@ from sae_lens import SAE
 from tqdm.auto import tqdm
 from transformer_lens.hook_points import HookedRootModule
 
-from sae_lens_hierarchical.evaluation.budgets import prefix_reconstructions
+from sae_lens_hierarchical.budget import Budget
+from sae_lens_hierarchical.evaluation.budgets import budget_reconstructions
 
 
-@torch.no_grad()
 def downstream_metrics_over_k(
     sae: SAE[Any],
     model: HookedRootModule,
@@ -30,10 +30,26 @@ def downstream_metrics_over_k(
     sequence_batch_size: int = 8,
     progress: bool = True,
 ) -> list[dict[str, float]]:
-    """CE-loss and KL scores at each budget in sorted ``ks``, with the same definitions as ``sae_lens.evals``.
+    """:func:`downstream_metrics` at each budget k in sorted ``ks``."""
+    budgets = [Budget(k) for k in ks]
+    return downstream_metrics(sae, model, tokens, budgets, exclude_token_ids, hook_name, sequence_batch_size, progress)
+
+
+@torch.no_grad()
+def downstream_metrics(
+    sae: SAE[Any],
+    model: HookedRootModule,
+    tokens: torch.Tensor,
+    budgets: list[Budget],
+    exclude_token_ids: list[int] | None = None,
+    hook_name: str | None = None,
+    sequence_batch_size: int = 8,
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """CE-loss and KL scores at each budget, with the same definitions as ``sae_lens.evals``.
 
     Each batch of sequences runs the model clean (recording the hook's activations), zero-ablated, and once
-    per budget with the level-k reconstruction spliced in; the ranking is computed once per batch.
+    per budget with that budget's reconstruction spliced in; the ranking is computed once per batch.
     """
     hook_name = hook_name or sae.cfg.metadata.hook_name
     if not hook_name or hook_name not in model.hook_dict:
@@ -43,8 +59,8 @@ def downstream_metrics_over_k(
     if sae.cfg.metadata.hook_head_index is not None:
         raise ValueError("SAEs on a single attention head (hook_head_index set) are not supported here")
     excluded = torch.tensor(sorted(exclude_token_ids or []), dtype=torch.long)
-    ce = torch.zeros(len(ks), dtype=torch.float64)
-    kl = torch.zeros(len(ks), dtype=torch.float64)
+    ce = torch.zeros(len(budgets), dtype=torch.float64)
+    kl = torch.zeros(len(budgets), dtype=torch.float64)
     ce_clean = ce_zero = kl_zero = torch.zeros((), dtype=torch.float64)
     n_ce = n_kl = 0
     batches = range(0, tokens.shape[0], sequence_batch_size)
@@ -57,7 +73,7 @@ def downstream_metrics_over_k(
         clean_log_probs = clean_logits.log_softmax(dim=-1)
         del clean_logits
         flat = cache[hook_name].reshape(-1, sae.cfg.d_in).to(sae.device, sae.dtype)
-        reconstructions, _, _ = prefix_reconstructions(sae, flat, ks)
+        reconstructions = budget_reconstructions(sae, flat, budgets)[0]
         ce_clean = ce_clean + clean_loss[keep[:, :-1]].double().sum().cpu()
         zero_ce, zero_kl = _spliced_losses(model, batch, hook_name, None, keep, clean_log_probs)
         ce_zero, kl_zero = ce_zero + zero_ce, kl_zero + zero_kl
@@ -71,7 +87,7 @@ def downstream_metrics_over_k(
         raise ValueError("no token positions left to score after excluding exclude_token_ids")
     clean_mean, zero_mean, kl_zero_mean = float(ce_clean / n_ce), float(ce_zero / n_ce), float(kl_zero / n_kl)
     metrics = []
-    for position in range(len(ks)):
+    for position in range(len(budgets)):
         ce_mean, kl_mean = float(ce[position] / n_ce), float(kl[position] / n_kl)
         metrics.append(
             {

@@ -1,11 +1,13 @@
-"""Reconstruction quality of an SAE at every budget k from one encoding pass: FVU, L0, alive latents, first ranks.
+"""Reconstruction quality of an SAE at every budget from one encoding pass: FVU, L0 and its spread, alive latents,
+first ranks. Budgets are k's (:func:`evaluate_over_k`), target mean L0s served by a calibrated threshold
+(:func:`evaluate_over_mean_l0`), or any :class:`~sae_lens_hierarchical.budget.Budget` (:func:`evaluate_budgets`).
 
 With a model and tokens, also the CE-loss and KL scores of :mod:`sae_lens_hierarchical.evaluation.downstream`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,25 +17,34 @@ from sae_lens import SAE
 from tqdm.auto import tqdm
 from transformer_lens.hook_points import HookedRootModule
 
-from sae_lens_hierarchical.evaluation.budgets import prefix_reconstructions, resolve_budgets
-from sae_lens_hierarchical.evaluation.downstream import downstream_metrics_over_k
-from sae_lens_hierarchical.hierarchical_topk_sae import validate_k
+from sae_lens_hierarchical.budget import Budget, validate_k
+from sae_lens_hierarchical.evaluation.budgets import (
+    budget_reconstructions,
+    max_budget,
+    resolve_budgets,
+    with_global_threshold_lifted,
+)
+from sae_lens_hierarchical.evaluation.downstream import downstream_metrics
+from sae_lens_hierarchical.evaluation.thresholds import calibrate_thresholds
 from sae_lens_hierarchical.loading import load_sae
 
 
 @dataclass(frozen=True)
 class BudgetMetrics:
-    """Quality at one budget k.
+    """Quality at one budget: a budget k, or a threshold (``threshold``, ``mean_l0_target``; ``k`` None unless it
+    also caps the count), or the SAE as it encodes by itself (both None: a JumpReLU SAE at its own thresholds).
 
     Reconstruction metrics are over the evaluated activations: ``mse`` follows SAELens (squared error summed
     over d_in, mean over tokens); ``fvu`` is the fraction of variance unexplained (total squared error / total
     squared deviation from the mean activation); ``explained_variance = 1 - fvu``; ``l0`` the mean number of
-    non-zero activations per token; ``alive_fraction`` the share of latents active on at least one token at
-    this budget (``dead_fraction = 1 - alive_fraction``). Downstream metrics (``None`` without a model) are
-    over the evaluated token sequences, as in ``sae_lens.evals``.
+    non-zero activations per token, ``l0_p50``/``l0_p90``/``l0_max`` its median, 90th percentile and largest value;
+    ``alive_fraction`` the share of latents active on at least one token at this budget (``dead_fraction = 1 -
+    alive_fraction``); ``at_cap_fraction`` (thresholds only, SAEs with a K) the share of tokens that keep every rank
+    they may (K, or k): there the cap, not the threshold, set the count. Downstream metrics (``None`` without a
+    model) are over the evaluated token sequences, as in ``sae_lens.evals``.
     """
 
-    k: int
+    k: int | None
     mse: float
     fvu: float
     explained_variance: float
@@ -48,6 +59,12 @@ class BudgetMetrics:
     ce_loss_with_ablation: float | None = None
     kl_div_with_sae: float | None = None
     kl_div_with_ablation: float | None = None
+    threshold: float | None = None
+    mean_l0_target: float | None = None
+    l0_p50: float | None = None
+    l0_p90: float | None = None
+    l0_max: float | None = None
+    at_cap_fraction: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,7 +117,6 @@ class BudgetResults(list[BudgetMetrics]):
         self.first_ranks = first_ranks
 
 
-@torch.no_grad()
 def evaluate_over_k(
     sae: SAE[Any] | str | Path,
     activations: torch.Tensor,
@@ -128,57 +144,168 @@ def evaluate_over_k(
             ``hook_name`` (default: the SAE's metadata) on ``tokens`` ``[sequences, context]``.
         exclude_token_ids: tokens (e.g. BOS) whose positions keep clean activations and are not scored.
     """
-    if isinstance(sae, (str, Path)):
-        sae = load_sae(sae, device=str(activations.device))
+    sae = _loaded(sae, activations)
     ks = resolve_budgets(sae, ks)
+    downstream = _downstream_arguments(model, tokens, exclude_token_ids, hook_name, sequence_batch_size)
+    rows, first_ranks = _evaluate(sae, activations, [Budget(k) for k in ks], batch_size, progress, downstream)
+    return BudgetResults(rows, first_ranks)
+
+
+def evaluate_over_mean_l0(
+    sae: SAE[Any] | str | Path,
+    activations: torch.Tensor,
+    mean_l0s: list[float],
+    batch_size: int = 1024,
+    progress: bool = True,
+    *,
+    calibration_activations: torch.Tensor | None = None,
+    model: HookedRootModule | None = None,
+    tokens: torch.Tensor | None = None,
+    exclude_token_ids: list[int] | None = None,
+    hook_name: str | None = None,
+    sequence_batch_size: int = 8,
+) -> list[BudgetMetrics]:
+    """Metrics of ``sae`` served by one global threshold per target mean L0 in ``mean_l0s`` (sorted), in one pass.
+
+    Each threshold is calibrated (:func:`~sae_lens_hierarchical.evaluation.thresholds.calibrate_thresholds`) on
+    ``calibration_activations``, default ``activations`` themselves, so that the mean L0 there is the target: pass
+    other activations to see how a calibration carries over to new text. Any SAELens SAE: a HierarchicalTopK SAE keeps
+    each token's ranks >= θ (at most K); another SAE keeps, of what its own ``encode`` activates, the activations
+    >= θ (TopK: at most its k; JumpReLU: above its own thresholds too), except that a JumpReLU SAE with one
+    threshold for every latent (BatchTopK, Matryoshka) is re-thresholded: θ replaces its trained threshold
+    (:func:`~sae_lens_hierarchical.evaluation.budgets.with_global_threshold_lifted`). Arguments as for
+    :func:`evaluate_over_k`.
+    """
+    sae = with_global_threshold_lifted(_loaded(sae, activations))
+    _check_activations(sae, activations)
+    targets = sorted(mean_l0s)
+    calibration = activations if calibration_activations is None else calibration_activations
+    thresholds = calibrate_thresholds(sae, calibration, targets, batch_size)
+    downstream = _downstream_arguments(model, tokens, exclude_token_ids, hook_name, sequence_batch_size)
+    budgets = [Budget(threshold=threshold) for threshold in thresholds]
+    rows, _ = _evaluate(sae, activations, budgets, batch_size, progress, downstream)
+    return [replace(row, mean_l0_target=float(target)) for row, target in zip(rows, targets, strict=True)]
+
+
+def evaluate_budgets(
+    sae: SAE[Any] | str | Path,
+    activations: torch.Tensor,
+    budgets: list[Budget],
+    batch_size: int = 1024,
+    progress: bool = True,
+    *,
+    model: HookedRootModule | None = None,
+    tokens: torch.Tensor | None = None,
+    exclude_token_ids: list[int] | None = None,
+    hook_name: str | None = None,
+    sequence_batch_size: int = 8,
+) -> list[BudgetMetrics]:
+    """Metrics of ``sae`` at each :class:`~sae_lens_hierarchical.budget.Budget` as given (``Budget()``: the SAE as it
+    encodes by itself, e.g. a JumpReLU or BatchTopK SAE at its own thresholds). Arguments as for
+    :func:`evaluate_over_k`."""
+    sae = _loaded(sae, activations)
+    max_k = max_budget(sae) or sae.cfg.d_sae
+    budgets = [budget.validated(max_k) for budget in budgets]
+    if not budgets:
+        raise ValueError("budgets must name at least one budget")
+    downstream = _downstream_arguments(model, tokens, exclude_token_ids, hook_name, sequence_batch_size)
+    return _evaluate(sae, activations, budgets, batch_size, progress, downstream)[0]
+
+
+def _loaded(sae: SAE[Any] | str | Path, activations: torch.Tensor) -> SAE[Any]:
+    return load_sae(sae, device=str(activations.device)) if isinstance(sae, (str, Path)) else sae
+
+
+def _downstream_arguments(
+    model: HookedRootModule | None,
+    tokens: torch.Tensor | None,
+    exclude_token_ids: list[int] | None,
+    hook_name: str | None,
+    sequence_batch_size: int,
+) -> dict[str, Any] | None:
+    """The CE-loss/KL settings, or None without a model: both model and tokens, or neither."""
+    if model is None and tokens is None:
+        return None
+    if model is None or tokens is None:
+        raise ValueError("CE-loss and KL scores need both model and tokens; pass both or neither")
+    return {
+        "model": model,
+        "tokens": tokens,
+        "exclude_token_ids": exclude_token_ids,
+        "hook_name": hook_name,
+        "sequence_batch_size": sequence_batch_size,
+    }
+
+
+@torch.no_grad()
+def _evaluate(
+    sae: SAE[Any],
+    activations: torch.Tensor,
+    budgets: list[Budget],
+    batch_size: int,
+    progress: bool,
+    downstream: dict[str, Any] | None,
+) -> tuple[list[BudgetMetrics], FirstRanks]:
+    """The metrics at each budget, and the first ranks up to the largest rank the ranking reached."""
     _check_activations(sae, activations)
     n_tokens = activations.shape[0]
-    squared_error = torch.zeros(len(ks), dtype=torch.float64)
-    cossim_sum = torch.zeros(len(ks), dtype=torch.float64)
-    l0_sum = torch.zeros(len(ks), dtype=torch.float64)
-    # The best (smallest) rank at which each latent fired: it is alive at budget k iff that rank is < k.
-    best_rank = torch.full((sae.cfg.d_sae,), ks[-1], dtype=torch.long, device=sae.device)
+    squared_error = torch.zeros(len(budgets), dtype=torch.float64)
+    cossim_sum = torch.zeros(len(budgets), dtype=torch.float64)
+    counts: list[list[torch.Tensor]] = [[] for _ in budgets]  # active latents per token, per budget
+    at_cap = torch.zeros(len(budgets), dtype=torch.float64)
+    alive = torch.zeros(len(budgets), sae.cfg.d_sae, dtype=torch.bool, device=sae.device)
+    max_rank = 0
+    # The best (smallest) 0-based rank at which each latent fired in the ranking; ``never`` for none.
+    never = torch.iinfo(torch.long).max
+    best_rank = torch.full((sae.cfg.d_sae,), never, dtype=torch.long, device=sae.device)
     sum_x = torch.zeros(sae.cfg.d_in, dtype=torch.float64)
     sum_sq_norm = torch.zeros((), dtype=torch.float64)
     for start in tqdm(range(0, n_tokens, batch_size), desc="Evaluating budgets", disable=not progress):
         x = activations[start : start + batch_size].to(sae.device, sae.dtype)
-        reconstructions, top_acts, top_indices = prefix_reconstructions(sae, x, ks)
-        for position, (k, reconstruction) in enumerate(zip(ks, reconstructions, strict=True)):
+        reconstructions, kept_ranks, top_acts, top_indices = budget_reconstructions(sae, x, budgets)
+        for position, (reconstruction, kept) in enumerate(zip(reconstructions, kept_ranks, strict=True)):
             squared_error[position] += (reconstruction - x).double().pow(2).sum().cpu()
             cossim_sum[position] += F.cosine_similarity(reconstruction, x, dim=-1).double().sum().cpu()
-            l0_sum[position] += (top_acts[:, :k] > 0).sum().cpu()
-        ranks = torch.arange(ks[-1], device=sae.device).expand_as(top_indices)
-        ranks = torch.where(top_acts > 0, ranks, ks[-1])
+            per_token = kept.sum(dim=-1)
+            counts[position].append(per_token.cpu())
+            at_cap[position] += (per_token == kept.shape[-1]).sum().cpu()
+            alive[position, top_indices[:, : kept.shape[-1]][kept]] = True
+        ranks = torch.arange(top_acts.shape[-1], device=sae.device).expand_as(top_indices)
+        ranks = torch.where(top_acts > 0, ranks, never)
         best_rank.scatter_reduce_(0, top_indices.reshape(-1), ranks.reshape(-1), reduce="amin")
+        max_rank = max(max_rank, top_acts.shape[-1])
         sum_x += x.double().sum(dim=0).cpu()
         sum_sq_norm += x.double().pow(2).sum().cpu()
     total_variance = sum_sq_norm - sum_x.pow(2).sum() / n_tokens
-    downstream: list[dict[str, float]] = [{} for _ in ks]
-    if model is not None or tokens is not None:
-        if model is None or tokens is None:
-            raise ValueError("CE-loss and KL scores need both model and tokens; pass both or neither")
-        downstream = downstream_metrics_over_k(
-            sae, model, tokens, ks, exclude_token_ids, hook_name, sequence_batch_size, progress
-        )
-    first_ranks = FirstRanks(torch.where(best_rank < ks[-1], best_rank + 1, 0).cpu(), ks[-1])
+    scores: list[dict[str, float]] = [{} for _ in budgets]
+    if downstream is not None:
+        scores = downstream_metrics(sae, budgets=budgets, progress=progress, **downstream)
+    first_ranks = FirstRanks(torch.where(best_rank != never, best_rank + 1, 0).cpu(), max_rank)
+    has_cap = max_budget(sae) is not None
     results = []
-    for position, k in enumerate(ks):
+    for position, budget in enumerate(budgets):
         fvu = float(squared_error[position] / total_variance)
-        alive = first_ranks.alive_fraction(k)
+        alive_fraction = float(alive[position].double().mean())
+        per_token = torch.cat(counts[position]).double()
         results.append(
             BudgetMetrics(
-                k=k,
+                k=budget.k,
                 mse=float(squared_error[position] / n_tokens),
                 fvu=fvu,
                 explained_variance=1.0 - fvu,
                 cossim=float(cossim_sum[position] / n_tokens),
-                l0=float(l0_sum[position] / n_tokens),
-                alive_fraction=alive,
-                dead_fraction=1.0 - alive,
-                **downstream[position],
+                l0=float(per_token.mean()),
+                alive_fraction=alive_fraction,
+                dead_fraction=1.0 - alive_fraction,
+                **scores[position],
+                threshold=budget.threshold,
+                l0_p50=float(per_token.quantile(0.5)),
+                l0_p90=float(per_token.quantile(0.9)),
+                l0_max=float(per_token.max()),
+                at_cap_fraction=float(at_cap[position] / n_tokens) if has_cap and budget.threshold else None,
             )
         )
-    return BudgetResults(results, first_ranks)
+    return results, first_ranks
 
 
 def _check_activations(sae: SAE[Any], activations: torch.Tensor) -> None:

@@ -24,6 +24,7 @@ from sae_lens.util import get_special_token_ids
 from transformer_lens import HookedTransformer
 
 from sae_lens_hierarchical._files import move_into_place
+from sae_lens_hierarchical.budget import Budget
 from sae_lens_hierarchical.data.activation_cache import (
     DEFAULT_CACHE_ROOT,
     ActivationCache,
@@ -34,7 +35,9 @@ from sae_lens_hierarchical.distributed import SINGLE_PROCESS, DataParallel
 from sae_lens_hierarchical.evaluation import (
     BudgetMetrics,
     BudgetResults,
+    evaluate_budgets,
     evaluate_over_k,
+    evaluate_over_mean_l0,
     format_first_rank_table,
     format_markdown_table,
     plot_over_k,
@@ -74,16 +77,35 @@ class EmbeddedActivations:
     ) -> list[BudgetMetrics]:
         """:func:`evaluate_over_k` on the held-out activations, with CE-loss/KL scores on the first
         ``downstream_tokens`` held-out tokens (none when 0); special-token positions are left alone."""
-        tokens = self.held_out_tokens(downstream_tokens) if downstream_tokens else None
         return evaluate_over_k(
-            sae,
-            self.held_out_activations(),
-            ks=ks,
-            progress=progress,
-            model=model if tokens is not None else None,
-            tokens=tokens,
-            exclude_token_ids=self.special_token_ids,
+            sae, self.held_out_activations(), ks=ks, progress=progress, **self._scoring(model, downstream_tokens)
         )
+
+    def evaluate_mean_l0(
+        self,
+        sae: SAE[Any],
+        model: HookedTransformer,
+        downstream_tokens: int,
+        mean_l0s: list[int],
+        as_saved: bool = False,
+        progress: bool = True,
+    ) -> list[BudgetMetrics]:
+        """The SAE served by one threshold per target mean L0 (:func:`evaluate_over_mean_l0`, calibrated on these
+        held-out activations, so the mean L0 is the target), then, with ``as_saved``, as it encodes by itself (one
+        more row, whose ``threshold`` and ``mean_l0_target`` are None). Scores as :meth:`evaluate`."""
+        scoring = self._scoring(model, downstream_tokens)
+        held_out = self.held_out_activations()
+        rows = evaluate_over_mean_l0(sae, held_out, mean_l0s, progress=progress, **scoring) if mean_l0s else []
+        if as_saved:
+            rows += evaluate_budgets(sae, held_out, [Budget()], progress=progress, **scoring)
+        return rows
+
+    def _scoring(self, model: HookedTransformer, downstream_tokens: int) -> dict[str, Any]:
+        """The CE-loss/KL arguments of the evaluations: the model and the first held-out tokens, or nothing."""
+        if not downstream_tokens:
+            return {}
+        tokens = self.held_out_tokens(downstream_tokens)
+        return {"model": model, "tokens": tokens, "exclude_token_ids": self.special_token_ids}
 
 
 def prepare_embedded_activations(
