@@ -120,12 +120,16 @@ FAMILY_LABELS = {
     "topk_fixed": "TopK trained at k (one SAE per k)",
     "topk_truncated": "TopK trained at K, truncated to k",
     "multi_topk": "Multi-TopK, L(K/4) + L(K)/8",
+    "batchtopk": "BatchTopK trained at k (one SAE per k)",
+    "matryoshka": "Matryoshka BatchTopK at K",
 }
 _FAMILY_STYLES = {
     "hierarchical": {"color": "tab:red", "linewidth": 3.0, "marker": "o", "zorder": 5},
     "topk_fixed": {"color": "tab:blue", "linewidth": 1.5, "marker": "s"},
     "topk_truncated": {"color": "tab:gray", "linewidth": 1.5, "marker": "v", "linestyle": "--"},
     "multi_topk": {"color": "tab:green", "linewidth": 1.5, "marker": "^", "linestyle": ":"},
+    "batchtopk": {"color": "tab:orange", "linewidth": 1.5, "marker": "D"},
+    "matryoshka": {"color": "tab:brown", "linewidth": 1.5, "marker": "P", "linestyle": "-."},
 }
 
 
@@ -240,5 +244,133 @@ def plot_comparison(
     axis.grid(alpha=0.3, which="both")
     axis.legend(fontsize=8)
     axis.set_title(title, fontsize=9)
+    figure.tight_layout()
+    return _save_figure(figure, path)
+
+
+# --- One axis for every SAE: mean L0 ------------------------------------------------------------------------------
+
+SERVINGS = {"k": "", "threshold": ", served by threshold", "saved": ", at its own thresholds"}
+
+
+def mean_l0_lines(
+    results: dict[str, list[BudgetMetrics]],
+    mean_l0_results: dict[str, list[BudgetMetrics]],
+    families: dict[str, str],
+) -> dict[tuple[str, str], dict[float, BudgetMetrics]]:
+    """Every way each family was served, as ``{(line, serving): {mean L0: metrics}}``: serving ``"k"`` keyed by k
+    (fixed-k SAEs share a line, as in :func:`by_family`), ``"threshold"`` keyed by the target mean L0, ``"saved"``
+    (JumpReLU SAEs at their own thresholds) keyed by the mean L0 they reached."""
+    lines: dict[tuple[str, str], dict[float, BudgetMetrics]] = {
+        (line, "k"): {float(k): row for k, row in rows.items()}
+        for line, rows in by_family({name: rows for name, rows in results.items() if rows}, families).items()
+    }
+    for name, rows in mean_l0_results.items():
+        for row in rows:
+            serving = "saved" if row.mean_l0_target is None else "threshold"
+            key = row.l0 if row.mean_l0_target is None else row.mean_l0_target
+            line = lines.setdefault((families[name], serving), {})
+            if key in line:
+                raise ValueError(f"two SAEs of family {families[name]!r} were served at mean L0 {key} by {serving}")
+            line[key] = row
+    return lines
+
+
+def _mean_l0_order(lines: dict[tuple[str, str], Any]) -> list[tuple[str, str]]:
+    """HierarchicalTopK lines first, each by threshold then by k; then the baselines in ``FAMILY_LABELS`` order."""
+    order = []
+    for line in _line_order({line: None for line, _ in lines}):
+        order += [(line, serving) for serving in ("threshold", "k", "saved") if (line, serving) in lines]
+    return order
+
+
+def mean_l0_label(line: str, serving: str) -> str:
+    return family_label(line) + SERVINGS[serving]
+
+
+def format_mean_l0_table(lines: dict[tuple[str, str], dict[float, BudgetMetrics]]) -> str:
+    """Markdown: FVU (and CE-loss score when measured) at each mean L0, one column per family and serving; the SAEs
+    at their own thresholds in a table of their own (their mean L0 is what they reached); then HierarchicalTopK
+    served by threshold against every other column at the same mean L0."""
+    order = [key for key in _mean_l0_order(lines) if key[1] != "saved"]
+    rows = [row for line in lines.values() for row in line.values()]
+    metrics = [("fvu", "FVU by mean L0 (lower is better)")]
+    if all(row.ce_loss_score is not None for row in rows):
+        metrics.append(("ce_loss_score", "CE-loss score by mean L0 (higher is better)"))
+    sections = []
+    budgets = sorted({key for line in order for key in lines[line]})
+    for metric, heading in metrics:
+        table = [f"**{heading}**", "", "| mean L0 | " + " | ".join(mean_l0_label(*key) for key in order) + " |"]
+        table.append("|---:|" + "---:|" * len(order))
+        for budget in budgets:
+            cells = [f"{getattr(lines[key][budget], metric):.4f}" if budget in lines[key] else "" for key in order]
+            table.append(f"| {budget:g} | " + " | ".join(cells) + " |")
+        sections.append("\n".join(table))
+    saved = [key for key in _mean_l0_order(lines) if key[1] == "saved"]
+    if saved:
+        table = ["**At their own thresholds**", "", "| SAE | mean L0 | L0 p50 / p90 / max | FVU | CE-loss score |"]
+        table.append("|---|---:|---:|---:|---:|")
+        for key in saved:
+            for l0, row in sorted(lines[key].items()):
+                ce = "" if row.ce_loss_score is None else f"{row.ce_loss_score:.4f}"
+                spread = f"{row.l0_p50:g} / {row.l0_p90:g} / {row.l0_max:g}"
+                table.append(f"| {family_label(key[0])} | {l0:.2f} | {spread} | {row.fvu:.4f} | {ce} |")
+        sections.append("\n".join(table))
+    mine = [key for key in order if key[1] == "threshold" and key[0].partition(":")[0] == "hierarchical"]
+    others = [key for key in order if key not in mine]
+    if mine and others:
+        pairs = [(m, o) for m in mine for o in others]
+        table = [
+            "**HierarchicalTopK served by threshold against each column, at the same mean L0**",
+            "",
+            "Relative FVU difference (negative: HierarchicalTopK by threshold reconstructs better).",
+            "",
+            "| mean L0 | " + " | ".join(f"vs {mean_l0_label(*o)}" for _, o in pairs) + " |",
+            "|---:|" + "---:|" * len(pairs),
+        ]
+        for budget in budgets:
+            cells = []
+            for m, o in pairs:
+                a, b = lines[m].get(budget), lines[o].get(budget)
+                cells.append(f"{100 * (a.fvu / b.fvu - 1):+.1f}%" if a and b else "")
+            if any(cells):
+                table.append(f"| {budget:g} | " + " | ".join(cells) + " |")
+        sections.append("\n".join(table))
+    return "\n\n".join(sections)
+
+
+def plot_mean_l0(lines: dict[tuple[str, str], dict[float, BudgetMetrics]], path: str | Path, title: str) -> Path:
+    """FVU (and CE-loss score when measured) against the mean L0 each serving reached (log-x): fixed-k serving
+    solid, threshold serving dashed, SAEs at their own thresholds as single markers."""
+    from matplotlib.figure import Figure
+
+    rows = [row for line in lines.values() for row in line.values()]
+    metrics = ["fvu"] + (["ce_loss_score"] if all(row.ce_loss_score is not None for row in rows) else [])
+    figure = Figure(figsize=(6.5 * len(metrics), 4.6))
+    axes = figure.subplots(1, len(metrics), squeeze=False)[0]
+    hierarchical_index: dict[str, int] = {}
+    for line, serving in _mean_l0_order(lines):
+        index = hierarchical_index.setdefault(line, len(hierarchical_index))
+        style = _line_style(line, index if line.partition(":")[0] == "hierarchical" else 0)
+        if serving == "threshold":
+            style = {**style, "linestyle": "--", "marker": "x"}
+        if serving == "saved":
+            style = {**style, "linestyle": "none", "markersize": 9}
+        points = sorted(lines[(line, serving)].values(), key=lambda row: row.l0)
+        for axis, metric in zip(axes, metrics, strict=False):
+            axis.plot(
+                [r.l0 for r in points],
+                [getattr(r, metric) for r in points],
+                label=mean_l0_label(line, serving),
+                **style,
+            )
+    for axis, metric in zip(axes, metrics, strict=False):
+        axis.set(xscale="log", xlabel="mean L0 (active latents per token, averaged)")
+        axis.set_ylabel("FVU (lower is better)" if metric == "fvu" else "CE-loss score (higher is better)")
+        if metric == "fvu":
+            axis.set_yscale("log")
+        axis.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=7)
+    figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     return _save_figure(figure, path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -30,9 +31,28 @@ def weights(directory: Path) -> dict[str, torch.Tensor]:
 
 def test_default_suite_members() -> None:
     members = {m.name: m for m in baseline_suite(64, [8, 16, 32, 64])}
-    assert list(members) == ["htopk-k64", "topk-k8", "topk-k16", "topk-k32", "topk-k64", "multi-topk-k16-k64"]
+    assert list(members) == [
+        "htopk-k64",
+        "topk-k8",
+        "topk-k16",
+        "topk-k32",
+        "topk-k64",
+        "batchtopk-k8",
+        "batchtopk-k16",
+        "batchtopk-k32",
+        "batchtopk-k64",
+        "matryoshka-k64",
+        "multi-topk-k16-k64",
+    ]
     assert members["htopk-k64"].sae_overrides == {}
     assert members["htopk-k64"].eval_ks == [1, 2, 4, 8, 16, 32, 64]
+    assert members["htopk-k64"].mean_l0s == [1, 2, 4, 8, 16, 32]  # served by threshold below K
+    assert members["batchtopk-k16"].architecture == "batchtopk" and members["batchtopk-k16"].sae_overrides == {"k": 16}
+    assert members["batchtopk-k16"].eval_ks == [] and members["batchtopk-k16"].mean_l0s == [16]
+    assert members["batchtopk-k16"].as_saved and members["matryoshka-k64"].as_saved
+    assert members["matryoshka-k64"].architecture == "matryoshka_batchtopk"
+    assert members["matryoshka-k64"].mean_l0s == [1, 2, 4, 8, 16, 32]
+    assert members["topk-k16"].mean_l0s == [] and not members["topk-k16"].as_saved
     assert members["topk-k16"].sae_overrides == {
         "k": 16,
         "hierarchy_levels": [16],
@@ -101,17 +121,25 @@ def test_comparison_job_report_matches_reevaluation(tmp_path: Path) -> None:
         cache_root=cache,
         progress=False,
     )
-    names = ["htopk-k8", "topk-k2", "topk-k8", "multi-topk-k2-k8"]
+    names = ["htopk-k8", "topk-k2", "topk-k8", "batchtopk-k2", "batchtopk-k8", "matryoshka-k8", "multi-topk-k2-k8"]
     assert sorted(p.name for p in (output / "saes").iterdir()) == sorted(names)
-    assert {"comparison.md", "comparison.json", "comparison_fvu.png", "comparison_ce.png", "job.json"} <= {
-        p.name for p in output.iterdir()
-    }
-    for plot in ("comparison_fvu.png", "comparison_ce.png"):
+    plots = ["comparison_fvu.png", "comparison_ce.png", "comparison_mean_l0.png"]
+    assert {"comparison.md", "comparison.json", "job.json", *plots} <= {p.name for p in output.iterdir()}
+    for plot in plots:
         assert_png_shows_a_plot(output / plot)
     report = json.loads((output / "comparison.json").read_text())
     assert list(report["saes"]) == names
     activations = held_out(3000, cache)
-    for name in names:
+    mean_l0 = {name: report["saes"][name]["mean_l0_results"] for name in names}
+    assert [r["mean_l0_target"] for r in mean_l0["htopk-k8"]] == [1, 2, 4]
+    assert [r["mean_l0_target"] for r in mean_l0["batchtopk-k2"]] == [2, None]  # re-thresholded to k, then as saved
+    assert [r["threshold"] is None for r in mean_l0["matryoshka-k8"]] == [False] * 3 + [True]
+    for name in ("htopk-k8", "batchtopk-k2", "matryoshka-k8"):
+        for row in mean_l0[name]:
+            if row["mean_l0_target"] is not None:  # calibrated on these held-out activations: the target, up to ties
+                assert row["l0"] == pytest.approx(row["mean_l0_target"], rel=0.01), name
+            assert row["ce_loss_score"] is not None
+    for name in ["htopk-k8", "topk-k2", "topk-k8", "multi-topk-k2-k8"]:
         recorded = report["saes"][name]["results"]
         # the report's numbers, recomputed in float64 from each saved SAE's weights (not the package's evaluation)
         assert_rows_match(recorded, metrics_by_hand(output / "saes" / name, activations, [r["k"] for r in recorded]))
@@ -120,6 +148,7 @@ def test_comparison_job_report_matches_reevaluation(tmp_path: Path) -> None:
     assert [r["k"] for r in report["saes"]["topk-k8"]["results"]] == [1, 2, 4, 8]  # truncated to every k
     table = (output / "comparison.md").read_text()
     assert "| 2 |" in table and "CE-loss score" in table and "HierarchicalTopK against each baseline" in table
+    assert "Every SAE by mean L0" in table and "At their own thresholds" in table
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "comparison"], "no scratch directory may be left"
 
 
@@ -170,6 +199,67 @@ def test_baselines_keep_their_fixed_objective_when_htopk_gets_a_schedule() -> No
     scheduled = HierarchicalTopKTrainingSAEConfig(
         d_in=4, d_sae=64, k=8, hierarchy_final_weights=[0.0] * 7 + [1.0], hierarchy_schedule_steps=10
     )
-    for member in baseline_suite(8, [2, 4, 8]):
+    for member in baseline_suite(8, [2, 4, 8], ("topk", "multi_topk")):
         cfg = replace(scheduled, **member.sae_overrides)
         assert (cfg.hierarchy_final_weights is not None) == (member.family == "hierarchical"), member.name
+
+
+@pytest.mark.parametrize("normalize", ["none", "expected_average_only_in"])
+def test_sae_lens_family_members_equal_their_own_class_trained_alone(tmp_path: Path, normalize: str) -> None:
+    """BatchTopK and Matryoshka members, trained in lockstep with the rest, end with the weights (and the saved JumpReLU
+    threshold) of SAELens's own class trained alone by SAELens's own single-SAE trainer on the same batches, with b_dec
+    set by hand to the mean of the first training batch (the suite's ``b_dec_init="mean"``)."""
+    from dataclasses import replace
+
+    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    from sae_lens.saes.matryoshka_batchtopk_sae import (
+        MatryoshkaBatchTopKTrainingSAE,
+        MatryoshkaBatchTopKTrainingSAEConfig,
+    )
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    from sae_lens_hierarchical.jobs.compare import shuffled_batches
+
+    model = TINY.load_model("cpu")
+    overrides = {"d_sae": 64, "k": 8, "b_dec_init": "mean", "normalize_activations": normalize}
+    cfg = TINY.runner_config(None, training_tokens=12_800, sae_overrides=overrides, n_batches_for_norm_estimate=5)
+    members = [
+        SuiteMember("htopk", "hierarchical", {}, [8]),
+        SuiteMember("batchtopk-k4", "batchtopk", {"k": 4}, [], architecture="batchtopk"),
+        SuiteMember("matryoshka", "matryoshka", {"k": 8}, [], architecture="matryoshka_batchtopk"),
+    ]
+    activations = prepare_embedded_activations(TINY, model, 1000, 12_800, cache_root=tmp_path / "cache", progress=False)
+    sae_dirs = train_suite(cfg, members, model, activations, tmp_path / "saes", seed=3)
+
+    train = activations.train.token_activations(exclude_token_ids=activations.special_token_ids)
+    trainer_cfg = replace(cfg.to_sae_trainer_config(), logger=replace(cfg.logger, log_to_wandb=False))
+    shared = {"d_in": TINY.d_in, "d_sae": 64, "normalize_activations": normalize}
+    references = {
+        "batchtopk-k4": BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=4, **shared)),
+        "matryoshka": MatryoshkaBatchTopKTrainingSAE(
+            MatryoshkaBatchTopKTrainingSAEConfig(k=8, matryoshka_widths=[4, 8, 16, 32, 64], **shared)
+        ),
+    }
+    for name, reference in references.items():
+        torch.manual_seed(3)
+        reference.load_state_dict(type(reference)(reference.cfg).state_dict())  # the suite's seeded initialisation
+        batches = (batch[TINY.hook_name] for batch in shuffled_batches(train, TINY.hook_name, 256, 3))
+        trainer = SAETrainer(cfg=trainer_cfg, sae=reference, data_provider=batches)
+        original_step = reference.training_forward_pass
+
+        def first_step(step_input: Any, reference: Any = reference, original: Any = original_step) -> Any:
+            with torch.no_grad():
+                reference.b_dec.copy_(step_input.sae_in.mean(dim=0))  # the scaled first training batch
+            reference.training_forward_pass = original
+            return original(step_input=step_input)
+
+        reference.training_forward_pass = first_step
+        trainer.fit()
+        reference.save_inference_model(tmp_path / f"reference-{name}")
+        ours, theirs = weights(sae_dirs[name]), weights(tmp_path / f"reference-{name}")
+        assert sorted(ours) == sorted(theirs) == ["W_dec", "W_enc", "b_dec", "b_enc", "threshold"]
+        for tensor in ours:
+            torch.testing.assert_close(ours[tensor], theirs[tensor], rtol=1e-6, atol=1e-7, msg=f"{name}: {tensor}")
+        saved = json.loads((sae_dirs[name] / "cfg.json").read_text())
+        assert saved["architecture"] == "jumprelu" and saved["metadata"]["hook_name"] == TINY.hook_name
+        assert float(ours["threshold"].min()) == float(ours["threshold"].max()) > 0  # one global threshold

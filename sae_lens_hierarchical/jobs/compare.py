@@ -1,5 +1,6 @@
-"""The baseline suite: HierarchicalTopK against fixed-k TopK, truncated TopK and Multi-TopK SAEs trained in lockstep
-on identical activations, with resumable checkpoints, then evaluated and reported side by side."""
+"""The baseline suite: HierarchicalTopK against the SAE family researchers train (TopK at each k, truncated TopK,
+BatchTopK at each k, Matryoshka BatchTopK, Multi-TopK) trained in lockstep on identical activations, with resumable
+checkpoints, then evaluated by k and by mean L0 and reported side by side."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from datasets import Dataset
 from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig
 from sae_lens.constants import SPARSITY_FILENAME
 from sae_lens.multi_sae_training_runner import MultiSAETrainingRunner, MultiSAETrainingRunnerConfig
+from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import TrainingSAE
 from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 from safetensors.torch import save_file
@@ -23,10 +25,15 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from sae_lens_hierarchical._files import scratch_beside, write_json_atomically
+from sae_lens_hierarchical.baselines import baseline_config, initialise_b_dec_with_mean, matryoshka_widths
 from sae_lens_hierarchical.data.activation_cache import DEFAULT_CACHE_ROOT
 from sae_lens_hierarchical.distributed import SINGLE_PROCESS, DataParallel, data_parallel_trainers
 from sae_lens_hierarchical.evaluation import BudgetMetrics, default_budgets, format_comparison_table, plot_comparison
-from sae_lens_hierarchical.hierarchical_topk_sae import HierarchicalTopKTrainingSAE, HierarchicalTopKTrainingSAEConfig
+from sae_lens_hierarchical.hierarchical_topk_sae import (
+    ARCHITECTURE,
+    HierarchicalTopKTrainingSAE,
+    HierarchicalTopKTrainingSAEConfig,
+)
 from sae_lens_hierarchical.jobs.common import (
     EmbeddedActivations,
     apply_overrides,
@@ -38,8 +45,9 @@ from sae_lens_hierarchical.jobs.train import streamed_dataset
 from sae_lens_hierarchical.loading import load_sae
 from sae_lens_hierarchical.objectives import objective_overrides
 from sae_lens_hierarchical.presets import Preset
+from sae_lens_hierarchical.reporting import format_mean_l0_table, mean_l0_lines, plot_mean_l0
 
-BASELINES = ("topk", "multi_topk")
+BASELINES = ("topk", "batchtopk", "matryoshka", "multi_topk")
 
 
 @dataclass(frozen=True)
@@ -47,8 +55,8 @@ class SuiteMember:
     """One SAE of a comparison: its training settings and the budgets it is evaluated at.
 
     ``family`` groups members into one line of the comparison: ``"hierarchical"``, ``"topk_fixed"`` (one TopK
-    SAE per budget, each evaluated at its own k), ``"topk_truncated"`` (TopK at K evaluated at every k) and
-    ``"multi_topk"``.
+    SAE per budget, each evaluated at its own k), ``"topk_truncated"`` (TopK at K evaluated at every k),
+    ``"batchtopk"`` (one BatchTopK SAE per budget), ``"matryoshka"`` and ``"multi_topk"``.
     """
 
     name: str
@@ -57,6 +65,13 @@ class SuiteMember:
     eval_ks: list[int]
     objective: str | None = None
     """A named HierarchicalTopK objective (:mod:`sae_lens_hierarchical.objectives`); None: the config's own."""
+    architecture: str = ARCHITECTURE
+    """The SAELens training architecture: ``hierarchical_topk`` (also the TopK baselines, as one level), or one of
+    SAELens's own (:data:`sae_lens_hierarchical.baselines.SAE_LENS_BASELINES`), built by ``baseline_config``."""
+    mean_l0s: list[int] = field(default_factory=list)
+    """Target mean L0s at which the SAE is served by one calibrated global threshold."""
+    as_saved: bool = False
+    """Also evaluate the SAE as it encodes by itself (a JumpReLU export at its own thresholds)."""
 
     @property
     def line(self) -> str:
@@ -70,15 +85,23 @@ def baseline_suite(
     baselines: tuple[str, ...] = BASELINES,
     objectives: dict[str, dict[str, Any]] | None = None,
 ) -> list[SuiteMember]:
-    """HierarchicalTopK at K plus the baselines: TopK at each budget (the one at K doubles as truncated TopK).
+    """HierarchicalTopK at K plus the baselines: TopK at each budget (the one at K doubles as truncated TopK),
+    BatchTopK at each budget, Matryoshka BatchTopK at K, Multi-TopK.
 
     ``objectives`` (name -> HierarchicalTopK config fields, from :func:`~sae_lens_hierarchical.objectives.
     objective_overrides`) puts one HierarchicalTopK SAE per objective in the suite, ``htopk-k<K>-<name>``, side by
     side on the same batches; without it there is one, ``htopk-k<K>``, with the config's own objective.
 
-    Every baseline is this package's training SAE with a single level (proven equal to SAELens's TopK
-    training SAE in tests/test_architecture.py), so initialisation, b_dec, AuxK and rescaling are the same
-    for all of them and only the objective differs. Multi-TopK is ``L(K/4) + L(K)/8`` (Gao et al., 2024).
+    The TopK baselines are this package's training SAE with a single level (proven equal to SAELens's TopK training
+    SAE in tests/test_architecture.py), so they ride the same sparse step; Multi-TopK is ``L(K/4) + L(K)/8`` (Gao et
+    al., 2024). BatchTopK and Matryoshka are SAELens's own classes, configured from the same SAE config
+    (:func:`~sae_lens_hierarchical.baselines.baseline_config`; Matryoshka's nested widths from
+    :func:`~sae_lens_hierarchical.baselines.matryoshka_widths`), so initialisation, b_dec, AuxK and rescaling are
+    the same for all of them and only the objective differs.
+
+    Evaluation: every SAE that can serve budgets below its own is also served by threshold at mean L0 = 1, 2, 4, ...,
+    K/2; BatchTopK SAEs at their own saved thresholds and re-thresholded to exactly their k; Matryoshka at its own
+    thresholds and re-thresholded to each mean L0.
     """
     unknown = sorted(set(baselines) - set(BASELINES))
     if unknown:
@@ -87,23 +110,44 @@ def baseline_suite(
     if not budgets or budgets[0] < 1 or budgets[-1] > max_k:
         raise ValueError(f"comparison budgets must be in 1..K={max_k}; got {budgets}")
     eval_ks = sorted(set(default_budgets(max_k)) | set(budgets))
+    mean_l0s = [budget for budget in default_budgets(max_k) if budget < max_k]
     if objectives is not None and not objectives:
         raise ValueError("objectives must name at least one objective (or be None for the config's own)")
     if objectives is None:
-        members = [SuiteMember(f"htopk-k{max_k}", "hierarchical", {}, eval_ks)]
+        members = [SuiteMember(f"htopk-k{max_k}", "hierarchical", {}, eval_ks, mean_l0s=mean_l0s)]
     else:
         members = [
-            SuiteMember(f"htopk-k{max_k}-{name}", "hierarchical", fields, eval_ks, objective=name)
+            SuiteMember(f"htopk-k{max_k}-{name}", "hierarchical", fields, eval_ks, objective=name, mean_l0s=mean_l0s)
             for name, fields in objectives.items()
         ]
     if "topk" in baselines:
         for k in budgets:
             if k < max_k:
                 members.append(SuiteMember(f"topk-k{k}", "topk_fixed", _single_level(k), [k]))
-        members.append(SuiteMember(f"topk-k{max_k}", "topk_truncated", _single_level(max_k), eval_ks))
+        truncated = SuiteMember(f"topk-k{max_k}", "topk_truncated", _single_level(max_k), eval_ks, mean_l0s=mean_l0s)
+        members.append(truncated)
+    if "batchtopk" in baselines:
+        for k in budgets:
+            members.append(
+                SuiteMember(f"batchtopk-k{k}", "batchtopk", {"k": k}, [], None, "batchtopk", [k], as_saved=True)
+            )
+    if "matryoshka" in baselines:
+        members.append(
+            SuiteMember(
+                f"matryoshka-k{max_k}",
+                "matryoshka",
+                {"k": max_k},
+                [],
+                architecture="matryoshka_batchtopk",
+                mean_l0s=mean_l0s,
+                as_saved=True,
+            )
+        )
     if "multi_topk" in baselines and max_k >= 4:
         multi = {"k": max_k, "hierarchy_levels": [max_k // 4, max_k], "hierarchy_weights": [1.0, 0.125], **_NO_SCHEDULE}
-        members.append(SuiteMember(f"multi-topk-k{max_k // 4}-k{max_k}", "multi_topk", multi, eval_ks))
+        members.append(
+            SuiteMember(f"multi-topk-k{max_k // 4}-k{max_k}", "multi_topk", multi, eval_ks, mean_l0s=mean_l0s)
+        )
     return members
 
 
@@ -119,7 +163,10 @@ def _single_level(k: int) -> dict[str, Any]:
 class ComparisonJobResult:
     output_dir: Path
     results: dict[str, list[BudgetMetrics]]
+    """Per SAE, its rows at each k it is evaluated at (none for SAEs without a k)."""
     seconds: float
+    mean_l0_results: dict[str, list[BudgetMetrics]] = field(default_factory=dict)
+    """Per SAE, its rows served by threshold at each target mean L0, then as saved (JumpReLU SAEs)."""
 
 
 def run_comparison_job(
@@ -189,14 +236,15 @@ def run_comparison_job(
             cfg, members, model, activations, scratch / "saes", seed=seed, parallel=parallel, **checkpoints
         )
         results: dict[str, list[BudgetMetrics]] = {}
+        mean_l0_results: dict[str, list[BudgetMetrics]] = {}
         if activations is not None:
             for member in members:
                 saved = load_sae(sae_dirs[member.name], device=device)
-                results[member.name] = activations.evaluate(
-                    saved, model, downstream_tokens, ks=member.eval_ks, progress=progress
+                results[member.name], mean_l0_results[member.name] = evaluate_member(
+                    member, saved, activations, model, downstream_tokens, progress
                 )
             title = f"{preset.model_name} {preset.hook_name}: {training_tokens:,} tokens, d_sae {cfg.sae.d_sae}"
-            write_comparison_report(results, members, scratch, title)
+            write_comparison_report(results, members, scratch, title, mean_l0_results)
         job = {"preset": preset.name, "overrides": overrides or {}, "training_tokens": training_tokens}
         job |= {"eval_tokens": eval_tokens, "downstream_tokens": downstream_tokens, "seed": seed}
         job |= {"budgets": budgets, "baselines": list(baselines), "objectives": objectives}
@@ -204,7 +252,27 @@ def run_comparison_job(
             job["data_parallel_processes"] = parallel.world_size
         seconds = finish_job(scratch, output_dir, job, started)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    return ComparisonJobResult(output_dir, results, seconds)
+    return ComparisonJobResult(output_dir, results, seconds, mean_l0_results)
+
+
+def evaluate_member(
+    member: SuiteMember,
+    sae: Any,
+    activations: EmbeddedActivations,
+    model: HookedTransformer,
+    downstream_tokens: int,
+    progress: bool = True,
+) -> tuple[list[BudgetMetrics], list[BudgetMetrics]]:
+    """``(rows at each of the member's k's, rows at each of its mean L0s by threshold and as saved)``."""
+    by_k = (
+        activations.evaluate(sae, model, downstream_tokens, ks=member.eval_ks, progress=progress)
+        if member.eval_ks
+        else []
+    )
+    by_mean_l0 = activations.evaluate_mean_l0(
+        sae, model, downstream_tokens, member.mean_l0s, as_saved=member.as_saved, progress=progress
+    )
+    return list(by_k), by_mean_l0
 
 
 def _check_objectives(objectives: list[str] | None, overrides: dict[str, Any]) -> None:
@@ -260,14 +328,7 @@ def train_suite(
     Under torchrun (``parallel``) every SAE is trained data-parallel: each rank reads its own cached share (or its
     share of ``dataset``) in batches of B/N tokens, and rank 0 writes the checkpoints; resuming needs the same N.
     """
-    saes: dict[str, TrainingSAE[Any]] = {}
-    for member in members:
-        # SAELens's from_sae_runner_config records the model, hook, context and BOS in the SAE's metadata.
-        sae_cfg = HierarchicalTopKTrainingSAEConfig.from_sae_runner_config(
-            replace(cfg, sae=replace(cfg.sae, **member.sae_overrides))
-        )
-        torch.manual_seed(seed)
-        saes[member.name] = HierarchicalTopKTrainingSAE(sae_cfg)
+    saes = {member.name: build_member(cfg, member, seed) for member in members}
     sae_dirs = {} if output_dir is None else {name: output_dir / name for name in saes}
     rank_cfg = parallel.runner_config(cfg)
     if activations is None or activations.train is None:
@@ -344,6 +405,28 @@ def train_suite(
         sae.save_inference_model(str(sae_dirs[name]))
         save_file({"sparsity": trainer.trainers[name].log_feature_sparsity}, sae_dirs[name] / SPARSITY_FILENAME)
     return sae_dirs
+
+
+def build_member(cfg: LanguageModelSAERunnerConfig[Any], member: SuiteMember, seed: int) -> TrainingSAE[Any]:
+    """The member's training SAE, initialised from ``seed`` (same-shaped members start from identical weights).
+
+    SAELens's ``from_sae_runner_config`` records the model, hook, context and BOS in the SAE's metadata; SAELens's own
+    families get the run's SAE config translated (:func:`~sae_lens_hierarchical.baselines.baseline_config`) and
+    the same ``b_dec_init``.
+    """
+    sae_cfg = HierarchicalTopKTrainingSAEConfig.from_sae_runner_config(cfg)
+    if member.architecture == ARCHITECTURE:
+        torch.manual_seed(seed)
+        return HierarchicalTopKTrainingSAE(replace(sae_cfg, **member.sae_overrides))
+    settings = dict(member.sae_overrides)
+    if member.architecture == "matryoshka_batchtopk":
+        settings.setdefault("matryoshka_widths", matryoshka_widths(sae_cfg.d_sae))
+    baseline_cfg = baseline_config(sae_cfg, member.architecture, **settings)
+    torch.manual_seed(seed)
+    sae = get_sae_training_class(member.architecture)[0](baseline_cfg)
+    if sae_cfg.b_dec_init == "mean":
+        initialise_b_dec_with_mean(sae)
+    return sae
 
 
 CHECKPOINT_MARKER = "checkpoint_complete.json"
@@ -437,24 +520,39 @@ def shuffled_batches(
 
 
 def write_comparison_report(
-    results: dict[str, list[BudgetMetrics]], members: list[SuiteMember], directory: Path, title: str
+    results: dict[str, list[BudgetMetrics]],
+    members: list[SuiteMember],
+    directory: Path,
+    title: str,
+    mean_l0_results: dict[str, list[BudgetMetrics]] | None = None,
 ) -> None:
-    """``comparison.md`` (tables), ``comparison.json`` and ``comparison_fvu.png`` / ``comparison_ce.png``."""
+    """``comparison.md`` (tables by k, then by mean L0), ``comparison.json``, ``comparison_fvu.png`` /
+    ``comparison_ce.png`` (by k) and ``comparison_mean_l0.png`` (every SAE against mean L0)."""
+    mean_l0_results = mean_l0_results or {}
     families = {member.name: member.line for member in members}
-    (directory / "comparison.md").write_text(format_comparison_table(results, families) + "\n")
+    by_k = {name: rows for name, rows in results.items() if rows}
+    report = format_comparison_table(by_k, families)
+    lines = mean_l0_lines(by_k, mean_l0_results, families)
+    if mean_l0_results:
+        report += "\n\n## Every SAE by mean L0\n\n" + format_mean_l0_table(lines)
+    (directory / "comparison.md").write_text(report + "\n")
     payload = {
         "title": title,
         "saes": {
             member.name: {
                 "family": member.family,
                 "objective": member.objective,
+                "architecture": member.architecture,
                 "settings": member.sae_overrides,
-                "results": [r.to_dict() for r in results[member.name]],
+                "results": [r.to_dict() for r in results.get(member.name, [])],
+                "mean_l0_results": [r.to_dict() for r in mean_l0_results.get(member.name, [])],
             }
             for member in members
         },
     }
     (directory / "comparison.json").write_text(json.dumps(payload, indent=2))
-    plot_comparison(results, families, directory / "comparison_fvu.png", "fvu", title)
-    if all(r.ce_loss_score is not None for rows in results.values() for r in rows):
-        plot_comparison(results, families, directory / "comparison_ce.png", "ce_loss_score", title)
+    plot_comparison(by_k, families, directory / "comparison_fvu.png", "fvu", title)
+    if all(r.ce_loss_score is not None for rows in by_k.values() for r in rows):
+        plot_comparison(by_k, families, directory / "comparison_ce.png", "ce_loss_score", title)
+    if mean_l0_results:
+        plot_mean_l0(lines, directory / "comparison_mean_l0.png", title)
