@@ -12,5 +12,5 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-
 for seed in $SEEDS; do
     dir="$OUT/seed$seed"
     [ -e "$dir/comparison.json" ] ||
-        "$CLI" compare --seed "$seed" --baselines topk,batchtopk,matryoshka,multi_topk --checkpoints 10 --output-dir "$dir"
+        $CLI compare --seed "$seed" --baselines topk,batchtopk,matryoshka,multi_topk --checkpoints 10 --output-dir "$dir"
 done

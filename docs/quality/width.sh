@@ -15,7 +15,7 @@ for seed in $SEEDS; do
     for width in $WIDTHS; do
         dir="$OUT/d$width/seed$seed"
         [ -e "$dir/comparison.json" ] ||
-            "$CLI" compare --set sae.d_sae="$width" --downstream-tokens 0 --seed "$seed" --budgets 16,32,64 \
+            $CLI compare --set sae.d_sae="$width" --downstream-tokens 0 --seed "$seed" --budgets 16,32,64 \
                 --baselines topk --output-dir "$dir"
     done
 done
