@@ -13,6 +13,8 @@ from sae_lens.registry import (
     register_sae_training_class,
 )
 
+from sae_lens_hierarchical.budget import Budget
+from sae_lens_hierarchical.evaluation.thresholds import calibrate_threshold
 from sae_lens_hierarchical.hierarchical_topk_sae import (
     ARCHITECTURE,
     HierarchicalTopKSAE,
@@ -25,11 +27,13 @@ from sae_lens_hierarchical.loading import load_sae
 
 __all__ = [
     "ARCHITECTURE",
+    "Budget",
     "HierarchicalTopKSAE",
     "HierarchicalTopKSAEConfig",
     "HierarchicalTopKTrainingSAE",
     "HierarchicalTopKTrainingSAEConfig",
     "active_latents",
+    "calibrate_threshold",
     "load_sae",
 ]
 

@@ -4,10 +4,11 @@ sae-lens-hierarchical train                      # the embedded default: Gemma-3
 sae-lens-hierarchical train --preset tiny-random --set sae.k=8 --set lr=1e-3
 sae-lens-hierarchical train --config runner_cfg.json   # any SAELens runner config (architecture in it)
 sae-lens-hierarchical cache --preset gemma-3-270m      # only cache activations
-sae-lens-hierarchical evaluate results/gemma-3-270m/sae --ks 1,4,16,64
+sae-lens-hierarchical evaluate results/gemma-3-270m/sae --ks 1,4,16,64 --mean-l0 2,8
 sae-lens-hierarchical compare                    # HTopK vs TopK at each k, truncated TopK, Multi-TopK
 torchrun --nproc-per-node 2 -m sae_lens_hierarchical train --preset tiny-random   # data-parallel (also compare)
 sae-lens-hierarchical export results/gemma-3-270m/sae --k 16 topk_k16  # a plain SAELens TopK SAE at k=16
+sae-lens-hierarchical export results/gemma-3-270m/sae --mean-l0 16 jumprelu_l0_16  # JumpReLU, any mean L0
 sae-lens-hierarchical upload results/gemma-3-270m/sae owner/name --topk-ks 8,32 --dry-run repo_preview
 sae-lens-hierarchical inspect results/gemma-3-270m/sae --ks 4,16,64   # latent dashboards: a static site
 sae-lens-hierarchical interpret results/seed0 results/seed1 --output-dir interp  # probing/absorption per k
@@ -26,9 +27,11 @@ from typing import Any
 
 from sae_lens import SAE, LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
 
+from sae_lens_hierarchical._files import check_new_directory
 from sae_lens_hierarchical.data import DEFAULT_CACHE_ROOT
 from sae_lens_hierarchical.distributed import joined_process_group
-from sae_lens_hierarchical.evaluation import format_markdown_table
+from sae_lens_hierarchical.evaluation import format_markdown_table, max_budget
+from sae_lens_hierarchical.hierarchical_topk_sae import HierarchicalTopKSAE
 from sae_lens_hierarchical.interpretability.probing import DEFAULT_NS
 from sae_lens_hierarchical.jobs import (
     BASELINES,
@@ -38,12 +41,20 @@ from sae_lens_hierarchical.jobs import (
     run_training_job,
     write_report,
 )
+from sae_lens_hierarchical.jobs.common import EmbeddedActivations
 from sae_lens_hierarchical.jobs.doctor import format_doctor_report, run_doctor_job
 from sae_lens_hierarchical.jobs.inspect import default_dashboard_dir, run_inspect_job
 from sae_lens_hierarchical.jobs.interpret import MEASURES, run_interpret_job
 from sae_lens_hierarchical.loading import load_sae
 from sae_lens_hierarchical.presets import PRESETS, Preset, get_preset
-from sae_lens_hierarchical.sharing import save_as_topk, save_as_topk_variants, upload
+from sae_lens_hierarchical.reporting import format_mean_l0_rows
+from sae_lens_hierarchical.sharing import (
+    EXPORT_METADATA_KEY,
+    save_as_jumprelu,
+    save_as_topk,
+    save_as_topk_variants,
+    upload,
+)
 
 DEFAULT_PRESET = "gemma-3-270m"
 DOWNSTREAM_HELP = "held-out tokens for CE-loss/KL scores (0 skips them; default: the preset's)"
@@ -58,6 +69,22 @@ def _positive_int(text: str) -> int:
 
 def _budgets(text: str) -> list[int]:
     return [_positive_int(part) for part in text.split(",") if part]
+
+
+def _mean_l0s(text: str) -> list[float]:
+    """``2,8.5``: target mean L0s, each a number > 0."""
+    values = []
+    for part in filter(None, text.split(",")):
+        try:
+            value = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"mean L0s must be numbers > 0, comma-separated; got {part!r}") from None
+        if not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"a mean L0 must be a finite number > 0; got {part!r}")
+        values.append(int(value) if value.is_integer() else value)
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one mean L0")
+    return values
 
 
 def _non_negative_int(text: str) -> int:
@@ -121,6 +148,16 @@ def _override(text: str) -> tuple[str, Any]:
         return name, raw
 
 
+def _add_held_out_options(parser: argparse.ArgumentParser, purpose: str) -> None:
+    """Where held-out activations for ``purpose`` come from: an embedded preset's held-out text."""
+    parser.add_argument(
+        "--preset", help=f"embedded preset whose held-out text is used for {purpose} (default: the SAE's)"
+    )
+    parser.add_argument("--eval-tokens", type=_positive_int, help="held-out tokens (default: the preset's)")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_ROOT)
+    parser.add_argument("--device", default="cpu")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sae-lens-hierarchical", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -161,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--sae-id", help="the SAE's folder inside a repo")
     evaluate.add_argument("--preset", help="default: the preset matching the SAE's model and hook")
     evaluate.add_argument("--ks", type=_budgets, help="comma-separated budgets (default powers of two and K)")
+    evaluate.add_argument(
+        "--mean-l0",
+        type=_mean_l0s,
+        help="also serve the SAE by one calibrated threshold at each of these mean L0s (e.g. 2,8,16)",
+    )
     evaluate.add_argument("--eval-tokens", type=_positive_int)
     evaluate.add_argument("--downstream-tokens", type=_non_negative_int, help=DOWNSTREAM_HELP)
     evaluate.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_ROOT)
@@ -198,12 +240,24 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--overwrite", action="store_true", help="replace an existing results directory")
 
     export = commands.add_parser(
-        "export", help="write the SAE at budget k as a plain SAELens TopK SAE (loads without this package)"
+        "export",
+        help="write the SAE at budget k as a plain SAELens TopK SAE, or served by a threshold as a JumpReLU SAE "
+        "(both load without this package)",
     )
     export.add_argument("sae", help="SAE directory, or a Hugging Face repo id with --sae-id")
-    export.add_argument("output_dir", type=Path, help="new directory (several --k: one k_<k> folder each)")
-    export.add_argument("--k", type=_budgets, required=True, help="budget, or comma-separated budgets, in 1..K")
+    export.add_argument(
+        "output_dir", type=Path, help="new directory (several budgets: one k_<k> or mean_l0_<m> folder each)"
+    )
+    budget = export.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--k", type=_budgets, help="TopK at this budget, or comma-separated budgets, in 1..K")
+    budget.add_argument(
+        "--mean-l0",
+        type=_mean_l0s,
+        help="JumpReLU at the threshold giving this mean L0 (or comma-separated ones) on the preset's held-out text",
+    )
+    budget.add_argument("--threshold", type=float, help="JumpReLU at this threshold (activations >= it are kept)")
     export.add_argument("--sae-id", help="the SAE's folder inside a repo")
+    _add_held_out_options(export, "calibrating --mean-l0")
 
     publish = commands.add_parser(
         "upload", help="publish the SAE (and TopK exports) on the Hugging Face Hub with SAELens's uploader"
@@ -214,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("repo_id", help="owner/name")
     publish.add_argument("--sae-id", help="the SAE's folder in the repo (default: its hook name)")
     publish.add_argument("--topk-ks", type=_budgets, default=[], help="also upload TopK exports at these budgets")
+    publish.add_argument(
+        "--jumprelu-mean-l0",
+        type=_mean_l0s,
+        default=[],
+        help="also upload JumpReLU exports at these mean L0s (thresholds calibrated on the preset's held-out text)",
+    )
+    _add_held_out_options(publish, "calibrating --jumprelu-mean-l0")
     publish.add_argument("--revision", default="main")
     publish.add_argument("--dry-run", type=Path, metavar="DIR", help="write the files to DIR instead of uploading")
 
@@ -332,22 +393,38 @@ def _preset_for(sae: SAE[Any], name: str | None) -> Preset:
     )
 
 
-def _evaluate(args: argparse.Namespace) -> None:
-    sae = load_sae(args.sae, args.sae_id, device=args.device)
+def _held_out(sae: SAE[Any], args: argparse.Namespace) -> tuple[Preset, Any, EmbeddedActivations]:
+    """``(preset, model, held-out activations)`` of the SAE's preset (or ``--preset``), checked against the SAE."""
     preset = _preset_for(sae, args.preset)
     if not preset.embedded:
         raise ValueError(f"preset {preset.name!r} has no embedded held-out corpus to evaluate on")
+    if sae.cfg.d_in != preset.d_in:
+        raise ValueError(
+            f"the SAE's d_in={sae.cfg.d_in} does not match preset {preset.name!r} (d_in={preset.d_in} at "
+            f"{preset.hook_name}); pass the matching --preset"
+        )
     model = preset.load_model(args.device)
     activations = prepare_embedded_activations(
         preset, model, eval_tokens=args.eval_tokens or preset.eval_tokens, cache_root=args.cache_dir
     )
+    return preset, model, activations
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    sae = load_sae(args.sae, args.sae_id, device=args.device)
+    preset, model, activations = _held_out(sae, args)
     downstream_tokens = preset.downstream_eval_tokens if args.downstream_tokens is None else args.downstream_tokens
-    results = activations.evaluate(sae, model, downstream_tokens, ks=args.ks)
-    print(format_markdown_table(results))
+    results = activations.evaluate(sae, model, downstream_tokens, ks=args.ks) if max_budget(sae) or args.ks else []
+    by_threshold = activations.evaluate_mean_l0(sae, model, downstream_tokens, args.mean_l0 or [], as_saved=not results)
+    if results:
+        print(format_markdown_table(results))
+    if by_threshold:
+        print("\nServed by one threshold per mean L0 (JumpReLU SAEs: also as saved):\n")
+        print(format_mean_l0_rows(by_threshold, results))
     if args.output_dir is not None:
         args.output_dir.mkdir(parents=True, exist_ok=True)
         title = f"{sae.cfg.architecture()} SAE on {preset.model_name} ({preset.hook_name})"
-        write_report(results, args.output_dir, title=title)
+        write_report(results, args.output_dir, title=title, mean_l0_results=by_threshold)
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -389,6 +466,9 @@ def _interpret(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     sae = load_sae(args.sae, args.sae_id)
     source = args.sae if args.sae_id is None else f"{args.sae}/{args.sae_id}"
+    if args.k is None:
+        _export_jumprelu(sae, args, source)
+        return
     if len(args.k) == 1:
         paths = {args.k[0]: save_as_topk(sae, args.output_dir, args.k[0], source=source)}
     else:
@@ -397,8 +477,45 @@ def _export(args: argparse.Namespace) -> None:
         print(f"TopK SAE at k={k}: {path} (SAELens alone loads it: SAE.load_from_disk)")
 
 
+def _export_jumprelu(sae: SAE[Any], args: argparse.Namespace, source: str) -> None:
+    """``export --threshold`` / ``--mean-l0``: one JumpReLU SAE, or one ``mean_l0_<m>`` folder per mean L0."""
+    if not isinstance(sae, HierarchicalTopKSAE):
+        raise ValueError(
+            f"{args.sae} holds a {sae.cfg.architecture()!r} SAE; JumpReLU exports take a hierarchical_topk SAE"
+        )
+    if args.threshold is not None:
+        path = save_as_jumprelu(sae, args.output_dir, threshold=args.threshold, source=source)
+        print(f"JumpReLU SAE at threshold {args.threshold:g}: {path} (SAELens alone loads it: SAE.load_from_disk)")
+        return
+    check_new_directory(args.output_dir)  # before loading the model
+    _, _, activations = _held_out(sae, args)
+    held_out = activations.held_out_activations()
+    several = len(args.mean_l0) > 1
+    for mean_l0 in args.mean_l0:
+        path = args.output_dir / f"mean_l0_{mean_l0:g}" if several else args.output_dir
+        save_as_jumprelu(sae, path, mean_l0=mean_l0, activations=held_out, source=source)
+        record = json.loads((path / "cfg.json").read_text())["metadata"][EXPORT_METADATA_KEY]
+        calibration = record["calibration"]
+        print(
+            f"JumpReLU SAE at mean L0 {mean_l0:g} (threshold {record['threshold']:.6g}, mean L0 "
+            f"{calibration['mean_l0']:.2f} on {calibration['tokens']} held-out tokens, "
+            f"{100 * calibration['share_of_tokens_over_K']:.2f}% of them over K): {path}"
+        )
+
+
 def _upload(args: argparse.Namespace) -> None:
-    uploaded = upload(args.sae, args.repo_id, sae_id=args.sae_id, topk_ks=args.topk_ks, dry_run=args.dry_run)
+    calibration = None
+    if args.jumprelu_mean_l0:
+        calibration = _held_out(load_sae(args.sae), args)[2].held_out_activations()
+    uploaded = upload(
+        args.sae,
+        args.repo_id,
+        sae_id=args.sae_id,
+        topk_ks=args.topk_ks,
+        jumprelu_mean_l0s=args.jumprelu_mean_l0,
+        calibration_activations=calibration,
+        dry_run=args.dry_run,
+    )
     where = f"written to {args.dry_run} (dry run, nothing uploaded)" if args.dry_run else f"uploaded to {args.repo_id}"
     print(f"README.md and {len(uploaded)} SAE(s) {where}:")
     for sae_id, description in uploaded.items():

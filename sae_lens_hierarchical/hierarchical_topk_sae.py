@@ -412,6 +412,26 @@ class VariableKMixin(Generic[T_CFG]):
 
         return save_as_topk(self, path, k)  # type: ignore[arg-type]
 
+    def to_jumprelu(self, threshold: float) -> Any:
+        """SAELens's own ``JumpReLUSAE`` serving this SAE at ``threshold`` (see ``sharing.to_jumprelu``)."""
+        from sae_lens_hierarchical.sharing import to_jumprelu
+
+        return to_jumprelu(self, threshold)  # type: ignore[arg-type]
+
+    def save_as_jumprelu(
+        self,
+        path: str | Path,
+        *,
+        threshold: float | None = None,
+        mean_l0: float | None = None,
+        activations: torch.Tensor | None = None,
+    ) -> Path:
+        """Write :meth:`to_jumprelu` (``threshold``, or ``mean_l0`` calibrated on ``activations``) to the new directory
+        ``path``, loadable by SAELens alone (``sharing.save_as_jumprelu``)."""
+        from sae_lens_hierarchical.sharing import save_as_jumprelu
+
+        return save_as_jumprelu(self, path, threshold=threshold, mean_l0=mean_l0, activations=activations)  # type: ignore[arg-type]
+
     # Methods the sparse paths do not call: replacing one (in a subclass or on the instance) selects SAELens's path.
     _SPARSE_BYPASSED_METHODS: tuple[str, ...] = ("encode", "decode", "encode_with_hidden_pre")
 

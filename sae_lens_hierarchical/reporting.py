@@ -115,6 +115,40 @@ def format_markdown_table(results: list[BudgetMetrics]) -> str:
     return "\n".join(lines)
 
 
+def format_mean_l0_rows(rows: list[BudgetMetrics], by_k: list[BudgetMetrics] | None = None) -> str:
+    """A markdown table of an SAE served by threshold, one row per target mean L0 (and one for a JumpReLU SAE as
+    saved, at its own thresholds): θ, the mean L0 reached and its spread over tokens, FVU (and CE-loss score when
+    measured); with ``by_k``, the same SAE at fixed k = that mean L0 beside it and the ratio of the two FVUs."""
+    fixed = {row.k: row for row in by_k or []}
+    has_ce = all(row.ce_loss_score is not None for row in rows)
+    header = "| mean L0 | θ | L0 reached | L0 p50 / p90 / max | tokens at the K cap | FVU |"
+    rule = "|---:|---:|---:|---:|---:|---:|"
+    if has_ce:
+        header, rule = header + " CE-loss score |", rule + "---:|"
+    if fixed:
+        header, rule = header + " FVU at fixed k | FVU ratio, threshold / fixed k |", rule + "---:|---:|"
+        if has_ce:
+            header, rule = header + " CE-loss score at fixed k |", rule + "---:|"
+    lines = [header, rule]
+    for row in rows:
+        cap = "" if row.at_cap_fraction is None else f"{row.at_cap_fraction:.3f}"
+        target = "as saved" if row.mean_l0_target is None else f"{row.mean_l0_target:g}"
+        threshold = "its own" if row.threshold is None else f"{row.threshold:.4g}"
+        line = (
+            f"| {target} | {threshold} | {row.l0:.2f} | {row.l0_p50:g} / {row.l0_p90:g} / "
+            f"{row.l0_max:g} | {cap} | {row.fvu:.4f} |"
+        )
+        if has_ce:
+            line += f" {row.ce_loss_score:.4f} |"
+        if fixed:
+            other = fixed.get(row.mean_l0_target)  # type: ignore[arg-type]
+            line += f" {other.fvu:.4f} | {row.fvu / other.fvu:.3f} |" if other else " | |"
+            if has_ce:
+                line += f" {other.ce_loss_score:.4f} |" if other and other.ce_loss_score is not None else " |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 FAMILY_LABELS = {
     "hierarchical": "HierarchicalTopK (one SAE, any k)",
     "topk_fixed": "TopK trained at k (one SAE per k)",

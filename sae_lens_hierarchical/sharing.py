@@ -1,15 +1,19 @@
-"""Share a HierarchicalTopK SAE: export one budget k as a plain SAELens TopK SAE, and publish on the Hugging Face Hub.
+"""Share a HierarchicalTopK SAE: export one budget as a plain SAELens SAE, and publish on the Hugging Face Hub.
 
 SAELens has no plugin discovery, so a ``"hierarchical_topk"`` SAE loads only where this package is installed and
 imported. :func:`to_topk` / :func:`save_as_topk` turn the SAE at one budget k into SAELens's own ``"topk"``
-architecture, which loads with SAELens alone (``SAE.load_from_disk`` / ``SAE.from_pretrained``). :func:`upload`
-publishes the SAE, optionally with such TopK exports, through SAELens's ``upload_saes_to_huggingface`` (one folder
-per SAE id) plus a model card; ``dry_run`` writes exactly the files the upload would commit into a local folder.
+architecture, and :func:`to_jumprelu` / :func:`save_as_jumprelu` the SAE served by one threshold (any mean L0) into
+SAELens's ``"jumprelu"``, the form BatchTopK SAEs are saved in and Neuronpedia, SAEBench and sae_dashboard read; both
+load with SAELens alone (``SAE.load_from_disk`` / ``SAE.from_pretrained``). :func:`upload` publishes the SAE,
+optionally with such exports, through SAELens's ``upload_saes_to_huggingface`` (one folder per SAE id) plus a model
+card; ``dry_run`` writes exactly the files the upload would commit into a local folder.
 """
 
 from __future__ import annotations
 
 import io
+import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -17,20 +21,24 @@ from tempfile import TemporaryDirectory
 from typing import Any
 from unittest import mock
 
+import torch
 from huggingface_hub import HfApi
 from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
+from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 from sae_lens.training import upload_saes_to_huggingface as sae_lens_upload
 
 from sae_lens_hierarchical._files import check_new_directory, write_new_directory
+from sae_lens_hierarchical.budget import Budget, validate_k, validate_threshold
+from sae_lens_hierarchical.evaluation.metrics import evaluate_budgets
+from sae_lens_hierarchical.evaluation.thresholds import calibrate_threshold
 from sae_lens_hierarchical.hierarchical_topk_sae import (
     ARCHITECTURE,
     HierarchicalTopKSAE,
     HierarchicalTopKTrainingSAE,
     resolve_level_weights,
     resolve_levels,
-    validate_k,
 )
 from sae_lens_hierarchical.loading import load_sae
 
@@ -77,36 +85,45 @@ def to_topk(sae: HierarchicalSAE, k: int, *, source: str | None = None) -> TopKS
     ``cfg.metadata[EXPORT_METADATA_KEY]`` records the source (``source``: a path or repo id, when known), K, k and the
     hierarchy levels and weights.
     """
-    if not isinstance(sae, HierarchicalTopKSAE | HierarchicalTopKTrainingSAE):
-        raise ValueError(
-            f"to_topk exports a {ARCHITECTURE} SAE (HierarchicalTopKSAE or HierarchicalTopKTrainingSAE); "
-            f"got {type(sae).__name__}"
-        )
+    _check_exportable(sae, "to_topk")
     k = validate_k(k, sae.cfg.k)
-    # What SAELens would save for this SAE (a training SAE's inference config keeps training details in metadata).
-    cfg_dict = (
-        sae.cfg.get_inference_sae_cfg_dict() if isinstance(sae, HierarchicalTopKTrainingSAE) else sae.cfg.to_dict()
-    )
-    levels, weights = hierarchy_of(sae)
-    export_record = {
-        "source_architecture": ARCHITECTURE,
-        "source": source,
-        "K": sae.cfg.k,
-        "k": k,
-        "hierarchy_levels": levels,
-        "hierarchy_weights": weights,
-        "exported_by": f"sae-lens-hierarchical {_package_version()}",
-    }
-    metadata = {**cfg_dict["metadata"], EXPORT_METADATA_KEY: export_record}
+    cfg_dict = _inference_cfg_dict(sae)
+    metadata = {**cfg_dict["metadata"], EXPORT_METADATA_KEY: _export_record(sae, source, k=k)}
     cfg = TopKSAEConfig.from_dict({**cfg_dict, "architecture": "topk", "k": k, "metadata": metadata})
-    device, cfg.device = cfg.device, "meta"  # as SAELens's loaders: no random initialisation, no second copy
-    topk = TopKSAE(cfg)
-    topk.cfg.device = device
-    topk.load_state_dict({name: tensor.detach().clone() for name, tensor in sae.state_dict().items()}, assign=True)
+    topk = _built_with(TopKSAE, cfg, {name: tensor.detach().clone() for name, tensor in sae.state_dict().items()})
     if cfg.rescale_acts_by_decoder_norm:
         topk.fold_W_dec_norm()
         topk.cfg.rescale_acts_by_decoder_norm = False
     return topk
+
+
+def _check_exportable(sae: Any, action: str) -> None:
+    if not isinstance(sae, HierarchicalTopKSAE | HierarchicalTopKTrainingSAE):
+        raise ValueError(
+            f"{action} exports a {ARCHITECTURE} SAE (HierarchicalTopKSAE or HierarchicalTopKTrainingSAE); "
+            f"got {type(sae).__name__}"
+        )
+
+
+def _inference_cfg_dict(sae: HierarchicalSAE) -> dict[str, Any]:
+    """What SAELens would save for this SAE (a training SAE's inference config keeps training details in metadata)."""
+    if isinstance(sae, HierarchicalTopKTrainingSAE):
+        return sae.cfg.get_inference_sae_cfg_dict()
+    return sae.cfg.to_dict()
+
+
+def _export_record(sae: HierarchicalSAE, source: str | None, **budget: Any) -> dict[str, Any]:
+    """``cfg.metadata[EXPORT_METADATA_KEY]`` of an export: where it came from, K, the budget, the hierarchy."""
+    levels, weights = hierarchy_of(sae)
+    return {
+        "source_architecture": ARCHITECTURE,
+        "source": source,
+        "K": sae.cfg.k,
+        **budget,
+        "hierarchy_levels": levels,
+        "hierarchy_weights": weights,
+        "exported_by": f"sae-lens-hierarchical {_package_version()}",
+    }
 
 
 def save_as_topk(sae: HierarchicalSAE, path: str | Path, k: int, *, source: str | None = None) -> Path:
@@ -143,6 +160,106 @@ def check_budgets(ks: Iterable[int], max_k: int) -> list[int]:
     if not checked:
         raise ValueError(f"at least one budget k in 1..K={max_k} is needed")
     return checked
+
+
+# --- Export served by one threshold as SAELens's "jumprelu" ----------------------------------------------------
+
+
+def to_jumprelu(
+    sae: HierarchicalSAE,
+    threshold: float,
+    *,
+    source: str | None = None,
+    calibration: dict[str, Any] | None = None,
+) -> JumpReLUSAE:
+    """SAELens's own ``JumpReLUSAE`` that computes what ``sae.encode(x, threshold=threshold)`` computes, except the
+    K cap: a JumpReLU SAE keeps *every* latent above its threshold, so a token with more than K activations >= θ
+    keeps more than K latents there (:func:`tokens_over_k` measures how often). Everywhere else it agrees to float
+    rounding: decoder norms are folded into the weights as in :func:`to_topk`, every latent gets the threshold just
+    below θ (JumpReLU keeps ``> threshold``, serving by threshold keeps ``>= θ``), and decoding is the same sum.
+
+    ``calibration`` (how θ was chosen: target mean L0, tokens, share over K) is recorded with the source in
+    ``cfg.metadata[EXPORT_METADATA_KEY]``. ``sae`` is left untouched.
+    """
+    _check_exportable(sae, "to_jumprelu")
+    threshold = validate_threshold(threshold)
+    topk = to_topk(sae, sae.cfg.k, source=source)  # the folded weights
+    cfg_dict = _inference_cfg_dict(sae)
+    record = _export_record(sae, source, threshold=threshold, calibration=calibration)
+    metadata = {**cfg_dict["metadata"], EXPORT_METADATA_KEY: record}
+    cfg = JumpReLUSAEConfig.from_dict({**cfg_dict, "architecture": "jumprelu", "metadata": metadata})
+    state = topk.state_dict()
+    # JumpReLU keeps ``> threshold``; serving keeps ``>= θ`` (θ in the SAE's dtype, as its comparisons round it):
+    # the next float below θ makes the two the same test.
+    theta = torch.full_like(state["b_enc"], threshold)
+    state["threshold"] = torch.nextafter(theta, torch.full_like(theta, -math.inf))
+    return _built_with(JumpReLUSAE, cfg, state)
+
+
+def _built_with(sae_class: Any, cfg: Any, state: dict[str, torch.Tensor]) -> Any:
+    """``sae_class(cfg)`` holding ``state``'s tensors, built as SAELens's loaders build: on the meta device (no
+    random initialisation, no second copy), then given the tensors and the config's device."""
+    device, cfg.device = cfg.device, "meta"
+    sae = sae_class(cfg)
+    sae.cfg.device = device
+    sae.load_state_dict(state, assign=True)
+    sae.device = torch.device(device)
+    return sae
+
+
+@torch.no_grad()
+def share_over_k(export: JumpReLUSAE, activations: torch.Tensor, max_k: int, batch_size: int = 1024) -> float:
+    """The share of tokens of ``activations`` ``[tokens, d_in]`` on which the JumpReLU ``export`` keeps more than
+    ``max_k`` latents: there it differs from the HierarchicalTopK SAE it came from, which caps every token at K."""
+    over = 0
+    for start in range(0, activations.shape[0], batch_size):
+        x = activations[start : start + batch_size].to(export.device, export.dtype)
+        over += int(((export.encode(x) > 0).sum(dim=-1) > max_k).sum())
+    return over / activations.shape[0]
+
+
+# A threshold below every activation that matters: the export keeps all positive activations.
+_SMALLEST_THRESHOLD = 1e-30
+
+
+def save_as_jumprelu(
+    sae: HierarchicalSAE,
+    path: str | Path,
+    *,
+    threshold: float | None = None,
+    mean_l0: float | None = None,
+    activations: torch.Tensor | None = None,
+    source: str | None = None,
+) -> Path:
+    """Write :func:`to_jumprelu` to the new directory ``path`` (atomically, never over an existing one); returns it.
+
+    Give ``threshold``, or ``mean_l0`` with ``activations`` ``[tokens, d_in]`` (held-out, special tokens removed) to
+    calibrate it on: the threshold at which the *export* has that mean L0 there. It keeps every activation above
+    it, K cap or not, so where many tokens would exceed K this threshold is higher than the one that gives the capped
+    SAE the same mean L0. With activations, the metadata also records the mean L0 reached there and the share of
+    tokens over K (:func:`share_over_k`).
+    """
+    if (threshold is None) == (mean_l0 is None):
+        raise ValueError(f"give exactly one of threshold and mean_l0; got threshold={threshold}, mean_l0={mean_l0}")
+    if mean_l0 is not None and activations is None:
+        raise ValueError("mean_l0 needs activations to calibrate the threshold on")
+    _check_exportable(sae, "save_as_jumprelu")
+    check_new_directory(path)
+    calibration = None
+    if activations is not None:
+        if threshold is None:
+            uncapped = to_jumprelu(sae, _SMALLEST_THRESHOLD)  # every positive activation: what the export ranks
+            threshold = calibrate_threshold(uncapped, activations, mean_l0)  # type: ignore[arg-type]
+        probe = to_jumprelu(sae, threshold, source=source)
+        reached = float(evaluate_budgets(probe, activations, [Budget()], progress=False)[0].l0)
+        calibration = {
+            "mean_l0_target": mean_l0,
+            "tokens": activations.shape[0],
+            "mean_l0": reached,
+            "share_of_tokens_over_K": share_over_k(probe, activations, sae.cfg.k),
+        }
+    export = to_jumprelu(sae, threshold, source=source, calibration=calibration)  # type: ignore[arg-type]
+    return write_new_directory(path, export.save_model)
 
 
 def _package_version() -> str:
@@ -203,12 +320,19 @@ def topk_sae_id(sae_id: str, k: int) -> str:
     return f"{sae_id}/topk_k{k}"
 
 
+def jumprelu_sae_id(sae_id: str, mean_l0: float) -> str:
+    """The repo folder of the JumpReLU export at mean L0 ``mean_l0``: inside the hierarchical SAE's own folder."""
+    return f"{sae_id}/jumprelu_mean_l0_{mean_l0:g}"
+
+
 def upload(
     sae_dir: str | Path,
     repo_id: str,
     *,
     sae_id: str | None = None,
     topk_ks: Sequence[int] = (),
+    jumprelu_mean_l0s: Sequence[float] = (),
+    calibration_activations: torch.Tensor | None = None,
     dry_run: str | Path | None = None,
     revision: str = "main",
 ) -> dict[str, str]:
@@ -217,7 +341,9 @@ def upload(
     Uses SAELens's ``upload_saes_to_huggingface``: the SAE goes to the folder ``sae_id`` (default: its hook name) with
     the files SAELens uploads (``cfg.json``, ``sae_weights.safetensors``, and ``sparsity.safetensors`` /
     ``runner_cfg.json`` when present); each budget in ``topk_ks`` is exported with :func:`to_topk` to the folder
-    ``<sae_id>/topk_k<k>``. Then ``README.md`` (:func:`model_card`) is written at the top, replacing any there.
+    ``<sae_id>/topk_k<k>``, and each mean L0 in ``jumprelu_mean_l0s`` with :func:`save_as_jumprelu` (threshold
+    calibrated on ``calibration_activations``) to ``<sae_id>/jumprelu_mean_l0_<m>``. Then ``README.md``
+    (:func:`model_card`) is written at the top, replacing any there.
     With ``dry_run`` nothing touches the network: the same files are written to the new directory ``dry_run``.
     Returns ``{sae_id: what it is}`` for every SAE uploaded.
     """
@@ -229,16 +355,42 @@ def upload(
         raise ValueError(f"{sae_dir} holds a {sae.cfg.architecture()!r} SAE; upload publishes {ARCHITECTURE!r} SAEs")
     sae_id = _check_sae_id(sae_id if sae_id is not None else sae.cfg.metadata.hook_name)
     topk_ks = check_budgets(topk_ks, sae.cfg.k) if topk_ks else []
+    jumprelu_mean_l0s = list(jumprelu_mean_l0s)
+    if jumprelu_mean_l0s and calibration_activations is None:
+        raise ValueError("jumprelu_mean_l0s need calibration_activations to calibrate each threshold on")
+    if len(set(jumprelu_mean_l0s)) != len(jumprelu_mean_l0s):
+        raise ValueError(f"each JumpReLU mean L0 at most once; got {jumprelu_mean_l0s}")
     if dry_run is not None:
         check_new_directory(dry_run)  # before any work
+    source = f"{repo_id}/{sae_id}"
     with TemporaryDirectory() as staging:
         saes: dict[str, Path] = {sae_id: Path(sae_dir)}
         contents = {sae_id: f"{ARCHITECTURE} SAE, K={sae.cfg.k}"}
         for k in topk_ks:
             variant = topk_sae_id(sae_id, k)
-            saes[variant] = save_as_topk(sae, Path(staging) / f"k_{k}", k, source=f"{repo_id}/{sae_id}")
+            saes[variant] = save_as_topk(sae, Path(staging) / f"k_{k}", k, source=source)
             contents[variant] = f"topk SAE, k={k}"
-        card = model_card(sae, repo_id, sae_id, topk_ks=topk_ks, per_k_table=find_per_k_table(sae_dir))
+        jumprelu_exports = []
+        for mean_l0 in jumprelu_mean_l0s:
+            variant = jumprelu_sae_id(sae_id, mean_l0)
+            saes[variant] = save_as_jumprelu(
+                sae,
+                Path(staging) / f"jumprelu_{mean_l0:g}",
+                mean_l0=mean_l0,
+                activations=calibration_activations,
+                source=source,
+            )
+            record = json.loads((saes[variant] / "cfg.json").read_text())["metadata"][EXPORT_METADATA_KEY]
+            jumprelu_exports.append((variant, record))
+            contents[variant] = f"jumprelu SAE, mean L0 {mean_l0:g}, threshold {record['threshold']:.6g}"
+        card = model_card(
+            sae,
+            repo_id,
+            sae_id,
+            topk_ks=topk_ks,
+            jumprelu_exports=jumprelu_exports,
+            per_k_table=find_per_k_table(sae_dir),
+        )
         if dry_run is None:
             _publish(HfApi(), saes, repo_id, card, revision)
         else:
@@ -286,9 +438,11 @@ def model_card(
     sae_id: str,
     *,
     topk_ks: Sequence[int] = (),
+    jumprelu_exports: Sequence[tuple[str, dict[str, Any]]] = (),
     per_k_table: str | None = None,
 ) -> str:
-    """The repo's ``README.md``: what the SAE is, its per-k quality when known, and how to load it."""
+    """The repo's ``README.md``: what the SAE is, its per-k quality when known, how to load it, and its exports
+    (``jumprelu_exports``: ``(sae_id, export record)`` of each JumpReLU export)."""
     cfg, metadata = sae.cfg, sae.cfg.metadata
     levels, weights = hierarchy_of(sae)
     if levels is None:
@@ -362,6 +516,34 @@ def model_card(
             "from sae_lens import SAE",
             "",
             f'sae = SAE.from_pretrained("{repo_id}", "{topk_sae_id(sae_id, topk_ks[0])}")',
+            "```",
+            "",
+        ]
+    if jumprelu_exports:
+        lines += [
+            "## JumpReLU exports: any mean L0",
+            "",
+            "The same SAE served by one global threshold θ (each token keeps its activations ≥ θ, so tokens spend the "
+            "budget unevenly), saved as SAELens's `jumprelu` architecture with θ on every latent: they load with "
+            "SAELens alone, and Neuronpedia, SAEBench and sae_dashboard read them. A JumpReLU SAE has no K cap: on the "
+            "share of tokens listed, it keeps more than K latents where the SAE above keeps K.",
+            "",
+            "| mean L0 (calibration) | θ | calibration tokens | share of tokens over K | sae_id |",
+            "|---:|---:|---:|---:|---|",
+        ]
+        for variant, record in jumprelu_exports:
+            calibration = record.get("calibration") or {}
+            lines.append(
+                f"| {calibration.get('mean_l0', float('nan')):.2f} | {record['threshold']:.6g} | "
+                f"{calibration.get('tokens', '')} | {calibration.get('share_of_tokens_over_K', float('nan')):.4f} | "
+                f"`{variant}` |"
+            )
+        lines += [
+            "",
+            "```python",
+            "from sae_lens import SAE",
+            "",
+            f'sae = SAE.from_pretrained("{repo_id}", "{jumprelu_exports[0][0]}")',
             "```",
             "",
         ]

@@ -92,8 +92,22 @@ def test_train_writes_loadable_sae_report_and_reuses_cache(tmp_path: Path, capsy
     )
     printed = capsys.readouterr().out
     assert "| k | L0 | FVU |" in printed
-    assert {p.name for p in output.iterdir()} == {"sae", "per_k.md", "per_k.json", "per_k.png", "job.json"}
-    rows = json.loads((output / "per_k.json").read_text())["per_k"]
+    assert {p.name for p in output.iterdir()} == {
+        "sae",
+        "per_k.md",
+        "per_k.json",
+        "per_k.png",
+        "mean_l0.png",
+        "job.json",
+    }
+    report = json.loads((output / "per_k.json").read_text())
+    rows = report["per_k"]
+    by_threshold = report["per_mean_l0"]
+    assert [row["mean_l0_target"] for row in by_threshold] == [1, 2, 4]  # served by threshold below K
+    for row in by_threshold:  # calibrated on the evaluated text: the target, up to a tie or one token
+        assert row["l0"] == pytest.approx(row["mean_l0_target"], abs=0.01) and row["l0_max"] > row["mean_l0_target"]
+    assert "Served by one threshold per target mean L0" in (output / "per_k.md").read_text()
+    assert_png_shows_a_plot(output / "mean_l0.png")
     activations = held_out(2000, cache)
     by_hand = metrics_by_hand(output / "sae", activations, [1, 2, 4, 8])
     assert_rows_match(rows, by_hand)
@@ -133,6 +147,44 @@ def test_train_writes_loadable_sae_report_and_reuses_cache(tmp_path: Path, capsy
     evaluated = json.loads((tmp_path / "eval" / "per_k.json").read_text())["per_k"]
     assert_rows_match(evaluated, {k: by_hand[k] for k in (2, 8)})
     assert evaluated[1] == pytest.approx(rows[-1]), "evaluate must reproduce the training job's numbers at k=8"
+
+    # JumpReLU exports at two mean L0s, calibrated on the preset's held-out text; evaluated as saved they have it
+    exports, common = tmp_path / "jumprelu", ["--eval-tokens", "2000", "--cache-dir", str(cache)]
+    main(["export", str(output / "sae"), str(exports), "--mean-l0", "2,3.5", *common])
+    assert "JumpReLU SAE at mean L0 3.5" in capsys.readouterr().out
+    for mean_l0 in (2, 3.5):
+        cfg = json.loads((exports / f"mean_l0_{mean_l0:g}" / "cfg.json").read_text())
+        calibration = cfg["metadata"]["hierarchical_topk_export"]["calibration"]
+        assert cfg["architecture"] == "jumprelu" and calibration["mean_l0"] == pytest.approx(mean_l0, abs=0.01)
+    main(
+        [
+            "evaluate",
+            str(exports / "mean_l0_2"),
+            *common,
+            "--downstream-tokens",
+            "0",
+            "--output-dir",
+            str(tmp_path / "e"),
+        ]
+    )
+    as_saved = json.loads((tmp_path / "e" / "per_k.json").read_text())["per_mean_l0"]
+    assert [row["threshold"] for row in as_saved] == [None] and as_saved[0]["l0"] == pytest.approx(2, abs=0.01)
+    assert "as saved" in capsys.readouterr().out
+    main(
+        [
+            "upload",
+            str(output / "sae"),
+            "owner/name",
+            "--jumprelu-mean-l0",
+            "2",
+            *common,
+            "--dry-run",
+            str(tmp_path / "repo"),
+        ]
+    )
+    uploaded = sorted(p.relative_to(tmp_path / "repo").as_posix() for p in (tmp_path / "repo").rglob("cfg.json"))
+    assert uploaded == [f"{presets.TINY_HOOK_NAME}/cfg.json", f"{presets.TINY_HOOK_NAME}/jumprelu_mean_l0_2/cfg.json"]
+    assert f"`{presets.TINY_HOOK_NAME}/jumprelu_mean_l0_2`" in (tmp_path / "repo" / "README.md").read_text()
 
 
 def test_errors_are_one_line_and_leave_nothing_behind(tmp_path: Path) -> None:

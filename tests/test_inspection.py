@@ -25,15 +25,19 @@ def hierarchical_sae(hook_name: str = presets.TINY_HOOK_NAME) -> HierarchicalTop
     return sae.to(torch.float64)
 
 
-def expected_rows(model: HookedTransformer, sae: SAE, tokens: torch.Tensor, k: int, sequence: int) -> pd.DataFrame:
-    """The rows for one sequence ``[context]``, from the whole model's forward pass and the float64 reference."""
+def expected_rows(
+    model: HookedTransformer, sae: SAE, tokens: torch.Tensor, k: int, sequence: int, special: bool = False
+) -> pd.DataFrame:
+    """The rows for one sequence ``[context]``, from the whole model's forward pass and the float64 reference; BOS and
+    other special tokens (the tokenizer's ``all_special_ids``) only with ``special``."""
     _, cache = model.run_with_cache(tokens[None], names_filter=sae.cfg.metadata.hook_name)
     acts, indices, _ = float64_ranking(sae, cache[sae.cfg.metadata.hook_name][0], k)
+    left_out = set() if special else set(model.tokenizer.all_special_ids)
     rows = [
         (sequence, position, model.tokenizer.decode([int(tokens[position])]), rank + 1, int(indices[position, rank]))
         for position in range(len(tokens))
         for rank in range(k)
-        if acts[position, rank] > 0
+        if acts[position, rank] > 0 and int(tokens[position]) not in left_out
     ]
     frame = pd.DataFrame(rows, columns=["sequence", "position", "token", "rank", "latent"])
     frame["activation"] = [float(acts[row.position, row.rank - 1]) for row in frame.itertuples()]
@@ -54,6 +58,15 @@ def test_hierarchical_latents_are_the_first_k_of_the_float64_ranking(tiny_model:
     frame = active_latents(tiny_model, sae, TEXT, k)
     assert_same_rows(frame, expected_rows(tiny_model, sae, tokens, k, sequence=0))
     assert frame.groupby("position")["rank"].max().max() == k  # some token uses the whole budget
+
+
+def test_special_tokens_are_left_out_unless_asked_for(tiny_model: HookedTransformer) -> None:
+    sae = hierarchical_sae()
+    tokens = tiny_model.to_tokens(TEXT)[0]
+    assert int(tokens[0]) in tiny_model.tokenizer.all_special_ids  # BOS, prepended
+    listed = active_latents(tiny_model, sae, TEXT, 4, exclude_special_tokens=False)
+    assert_same_rows(listed, expected_rows(tiny_model, sae, tokens, 4, sequence=0, special=True))
+    assert 0 in set(listed["position"]) and 0 not in set(active_latents(tiny_model, sae, TEXT, 4)["position"])
 
 
 def test_sae_lens_topk_latents_are_its_largest_activations(tiny_model: HookedTransformer) -> None:

@@ -97,7 +97,7 @@ with torch.no_grad():
             sae = SAE.load_from_disk(job["dir"])
         else:
             sae = SAE.from_pretrained(job["repo"], job["sae_id"])
-        loaded[name] = [type(sae).__name__, sae.cfg.architecture(), sae.cfg.k]
+        loaded[name] = [type(sae).__name__, sae.cfg.architecture(), getattr(sae.cfg, "k", None)]
         acts = sae.encode(x)
         outputs[f"{name}.encode"] = acts
         outputs[f"{name}.decode"] = sae.decode(acts)
@@ -409,3 +409,93 @@ def test_model_card_without_per_k_or_recorded_levels(tmp_path: Path) -> None:
     assert "| level weights | not recorded |" in card
     assert "Quality at every budget k" not in card and "TopK exports" not in card
     assert sharing.find_per_k_table(tmp_path) is None
+
+
+# --- export by threshold as SAELens's "jumprelu" ----------------------------------------------------------------
+
+
+def threshold_between_values(sae: Any, x: torch.Tensor, quantile: float) -> float:
+    """A threshold halfway between two neighbouring activations of ``x``: no activation lies within rounding of it."""
+    with torch.no_grad():
+        values = sae.encode_top_k(x)[0]
+    distinct = values[values > 0].double().unique().sort().values
+    position = int(quantile * (len(distinct) - 2))
+    return float((distinct[position] + distinct[position + 1]) / 2)
+
+
+def test_jumprelu_export_loaded_by_sae_lens_alone_matches_threshold_serving(tmp_path: Path) -> None:
+    """SAELens alone, in a fresh process, loads each export as a ``JumpReLUSAE``; on every token that keeps at most K
+    latents its encode/decode/forward equal ``encode(x, threshold=θ)`` and the reconstruction at θ; on the others it
+    keeps more than K (no cap), and ``share_over_k`` counts exactly those."""
+    trained, plain = make_sae(0), make_sae(1, rescale=False)
+    make_sae(2).save_inference_model(tmp_path / "saved_sae")
+    saved = load_sae(tmp_path / "saved_sae")
+    x = inputs_with_ties(trained)
+    sources = {"trained_low": (trained, 0.0), "trained_high": (trained, 0.8), "plain": (plain, 0.5)}
+    sources["saved"] = (saved, 0.4)
+    thresholds = {}
+    for name, (sae, quantile) in sources.items():
+        thresholds[name] = threshold_between_values(sae, x, quantile)
+        sharing.save_as_jumprelu(sae, tmp_path / name, threshold=thresholds[name], source="in memory")
+    loaded, outputs = run_sae_lens_alone(
+        {name: {"dir": str(tmp_path / name)} for name in sources}, x, tmp_path, tmp_path
+    )
+    over_k_seen = False
+    for name, (sae, _) in sources.items():
+        assert loaded[name] == ["JumpReLUSAE", "jumprelu", None]
+        with torch.no_grad():
+            ours = {"encode": sae.encode(x, threshold=thresholds[name]), "forward": sae(x, threshold=thresholds[name])}
+        theirs_encode = outputs[f"{name}.encode"]
+        counts = (theirs_encode > 0).sum(dim=-1)
+        within = counts <= K
+        assert int(within.sum()) > 0
+        assert torch.equal(theirs_encode[within] > 0, ours["encode"][within] > 0)  # the same latents
+        torch.testing.assert_close(theirs_encode[within], ours["encode"][within], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(outputs[f"{name}.forward"][within], ours["forward"][within], rtol=1e-5, atol=1e-5)
+        assert bool(((ours["encode"] > 0).sum(dim=-1) <= K).all())
+        over_k_seen |= bool((~within).any())
+        export = sharing.to_jumprelu(sae, thresholds[name])
+        assert sharing.share_over_k(export, x, K) == pytest.approx(float((~within).double().mean()))
+    assert over_k_seen, "some token must exceed K at a low threshold, or the cap is never exercised"
+
+
+def test_jumprelu_threshold_is_the_float_below_theta(tmp_path: Path) -> None:
+    """JumpReLU keeps ``> threshold``; serving keeps ``>= θ``: an activation exactly at θ is kept by both."""
+    sae = make_sae(1, rescale=False)
+    x = inputs_with_ties(sae)
+    with torch.no_grad():
+        value = float(sae.encode_top_k(x)[0][0, 2])  # an activation that occurs: exactly θ
+        export = sharing.to_jumprelu(sae, value)
+        assert float(export.threshold.max()) < value and float(export.threshold.min()) == float(export.threshold.max())
+        assert torch.equal(export.encode(x[:1]) > 0, sae.encode(x[:1], threshold=value) > 0)
+    record = export.cfg.metadata.hierarchical_topk_export
+    assert record["threshold"] == value and record["K"] == K and record["source_architecture"] == "hierarchical_topk"
+
+
+def test_save_as_jumprelu_by_mean_l0_records_its_calibration(tmp_path: Path) -> None:
+    sae = make_sae(0)
+    x = inputs_with_ties(sae)
+    path = sharing.save_as_jumprelu(sae, tmp_path / "l0_2", mean_l0=2, activations=x)
+    cfg = json.loads((path / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu" and "k" not in cfg
+    calibration = cfg["metadata"]["hierarchical_topk_export"]["calibration"]
+    assert calibration["mean_l0_target"] == 2 and calibration["tokens"] == len(x)
+    loaded = SAE.load_from_disk(path)
+    with torch.no_grad():
+        counts = (loaded.encode(x) > 0).sum(dim=-1).double()
+    assert calibration["mean_l0"] == pytest.approx(float(counts.mean()))
+    assert float(counts.mean()) == pytest.approx(2, abs=2 / len(x))  # the nearest count a threshold reaches
+    assert calibration["share_of_tokens_over_K"] == pytest.approx(float((counts > K).double().mean()))
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({}, "exactly one of threshold and mean_l0"),
+        ({"threshold": 0.5, "mean_l0": 2}, "exactly one of threshold and mean_l0"),
+        ({"mean_l0": 2}, "mean_l0 needs activations"),
+        ({"threshold": -1.0}, "threshold must be a finite number > 0"),
+        ({"mean_l0": 99, "activations": x}, r"mean_l0 must be a number in \(0, "),
+    ]
+    for settings, message in bad:
+        with pytest.raises(ValueError, match=message):
+            sharing.save_as_jumprelu(sae, tmp_path / "bad", **settings)
+        assert not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match="not an empty directory"):
+        sharing.save_as_jumprelu(sae, path, threshold=0.5)

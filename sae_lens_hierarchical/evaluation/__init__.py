@@ -19,6 +19,7 @@ from sae_lens_hierarchical.evaluation.budgets import (
     rank_histogram,
     ranked_latents,
     resolve_budgets,
+    serving_mean_l0s,
 )
 from sae_lens_hierarchical.evaluation.downstream import downstream_metrics, downstream_metrics_over_k
 from sae_lens_hierarchical.evaluation.metrics import (
@@ -92,5 +93,6 @@ __all__ = [
     "ranked_latents",
     "ranking_values",
     "resolve_budgets",
+    "serving_mean_l0s",
     "thresholds_for_mean_l0",
 ]

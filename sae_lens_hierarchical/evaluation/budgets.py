@@ -34,6 +34,12 @@ def default_budgets(max_k: int) -> list[int]:
     return [*budgets, max_k]
 
 
+def serving_mean_l0s(max_k: int) -> list[int]:
+    """The mean L0s at which reports serve an SAE by threshold: the powers of two below K (at K a threshold has
+    nothing left to cut)."""
+    return [budget for budget in default_budgets(max_k) if budget < max_k]
+
+
 def resolve_budgets(sae: SAE[Any], ks: list[int] | None) -> list[int]:
     """The budgets to evaluate, sorted and distinct: ``ks`` checked against K (d_sae for SAEs without k), else the
     default powers of two and K."""

@@ -43,6 +43,7 @@ from sae_lens_hierarchical.evaluation import (
     plot_over_k,
 )
 from sae_lens_hierarchical.presets import Preset, mixing_buffer_batches
+from sae_lens_hierarchical.reporting import format_mean_l0_rows, plot_mean_l0
 
 
 @dataclass
@@ -205,22 +206,39 @@ def apply_overrides(
     return result
 
 
-def write_report(results: list[BudgetMetrics], directory: Path, title: str) -> None:
-    """``per_k.md`` (table), ``per_k.json`` and ``per_k.png`` (plot) in ``directory``.
+def write_report(
+    results: list[BudgetMetrics], directory: Path, title: str, mean_l0_results: list[BudgetMetrics] | None = None
+) -> None:
+    """``per_k.md`` (tables), ``per_k.json`` and ``per_k.png`` (plot) in ``directory``; with ``mean_l0_results`` (the
+    SAE served by threshold, :meth:`EmbeddedActivations.evaluate_mean_l0`) also their table and ``mean_l0.png``
+    (FVU and CE-loss score against mean L0, fixed k and threshold side by side).
 
-    ``per_k.json`` is ``{"per_k": [one row per budget], "first_rank": ...}``. Results of :func:`evaluate_over_k`
-    carry each latent's first rank: its histogram is ``first_rank`` (else null), a second table in ``per_k.md`` and a
-    panel of ``per_k.png``.
+    ``per_k.json`` is ``{"per_k": [one row per budget], "first_rank": ..., "per_mean_l0": [one row per target]}``.
+    Results of :func:`evaluate_over_k` carry each latent's first rank: its histogram is ``first_rank`` (else null), a
+    second table in ``per_k.md`` and a panel of ``per_k.png``.
     """
-    table = format_markdown_table(results)
+    table = format_markdown_table(results) if results else ""
     first_rank = None
     if isinstance(results, BudgetResults):
         table += "\n\nLatents by the first rank at which they fire:\n\n" + format_first_rank_table(results.first_ranks)
         first_rank = results.first_ranks.to_dict()
-    (directory / "per_k.md").write_text(table + "\n")
-    report = {"per_k": [r.to_dict() for r in results], "first_rank": first_rank}
+    if mean_l0_results:
+        table += (
+            "\n\nServed by one threshold per target mean L0 (each token keeps its activations >= θ, at most K; θ "
+            "calibrated on these held-out tokens), against fixed k:\n\n" + format_mean_l0_rows(mean_l0_results, results)
+        )
+        lines = {("hierarchical", "k"): {float(r.k): r for r in results if r.k is not None}}
+        lines[("hierarchical", "threshold")] = {r.l0: r for r in mean_l0_results}
+        plot_mean_l0({key: line for key, line in lines.items() if line}, directory / "mean_l0.png", title)
+    (directory / "per_k.md").write_text(table.strip() + "\n")
+    report = {
+        "per_k": [r.to_dict() for r in results],
+        "first_rank": first_rank,
+        "per_mean_l0": [r.to_dict() for r in mean_l0_results or []],
+    }
     (directory / "per_k.json").write_text(json.dumps(report, indent=2))
-    plot_over_k(results, directory / "per_k.png", title=title)
+    if results:
+        plot_over_k(results, directory / "per_k.png", title=title)
 
 
 def finish_job(scratch: Path, output_dir: Path, job: dict[str, Any], started: float) -> float:

@@ -28,7 +28,13 @@ from sae_lens_hierarchical._files import scratch_beside, write_json_atomically
 from sae_lens_hierarchical.baselines import baseline_config, initialise_b_dec_with_mean, matryoshka_widths
 from sae_lens_hierarchical.data.activation_cache import DEFAULT_CACHE_ROOT
 from sae_lens_hierarchical.distributed import SINGLE_PROCESS, DataParallel, data_parallel_trainers
-from sae_lens_hierarchical.evaluation import BudgetMetrics, default_budgets, format_comparison_table, plot_comparison
+from sae_lens_hierarchical.evaluation import (
+    BudgetMetrics,
+    default_budgets,
+    format_comparison_table,
+    plot_comparison,
+    serving_mean_l0s,
+)
 from sae_lens_hierarchical.hierarchical_topk_sae import (
     ARCHITECTURE,
     HierarchicalTopKTrainingSAE,
@@ -110,7 +116,7 @@ def baseline_suite(
     if not budgets or budgets[0] < 1 or budgets[-1] > max_k:
         raise ValueError(f"comparison budgets must be in 1..K={max_k}; got {budgets}")
     eval_ks = sorted(set(default_budgets(max_k)) | set(budgets))
-    mean_l0s = [budget for budget in default_budgets(max_k) if budget < max_k]
+    mean_l0s = serving_mean_l0s(max_k)
     if objectives is not None and not objectives:
         raise ValueError("objectives must name at least one objective (or be None for the config's own)")
     if objectives is None:

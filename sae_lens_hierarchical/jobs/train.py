@@ -15,7 +15,7 @@ from transformer_lens import HookedTransformer
 from sae_lens_hierarchical._files import scratch_beside
 from sae_lens_hierarchical.data.activation_cache import DEFAULT_CACHE_ROOT
 from sae_lens_hierarchical.distributed import SINGLE_PROCESS, DataParallel, data_parallel_trainers
-from sae_lens_hierarchical.evaluation import BudgetMetrics
+from sae_lens_hierarchical.evaluation import BudgetMetrics, serving_mean_l0s
 from sae_lens_hierarchical.hierarchical_topk_sae import HierarchicalTopKSAE
 from sae_lens_hierarchical.jobs.common import (
     EmbeddedActivations,
@@ -106,7 +106,11 @@ def run_training_job(
             sae = load_sae(sae_dir)
             assert isinstance(sae, HierarchicalTopKSAE)
             results = activations.evaluate(sae, model, downstream_tokens, progress=progress)
-            write_report(results, scratch, title=f"HierarchicalTopK on {preset.model_name} ({preset.hook_name})")
+            mean_l0_results = activations.evaluate_mean_l0(
+                sae, model, downstream_tokens, serving_mean_l0s(sae.cfg.k), progress=progress
+            )
+            title = f"HierarchicalTopK on {preset.model_name} ({preset.hook_name})"
+            write_report(results, scratch, title=title, mean_l0_results=mean_l0_results)
         if parallel.active:
             job["data_parallel_processes"] = parallel.world_size
         seconds = finish_job(scratch, output_dir, job, started)
