@@ -56,6 +56,8 @@ _B_DEC_INITS = ("zeros", "mean")
 # The level-weight schedule rides on SAELens's coefficient schedulers (linear warm-up 0 -> 1, saved with checkpoints).
 SCHEDULE_COEFFICIENT = "hierarchy_schedule"
 _SCHEDULE_STAGES = 64
+# Level draws (``hierarchy_sampled_levels``) come from a generator seeded with this plus the step number.
+_LEVEL_SAMPLING_SEED = 20_250_524
 
 
 # ``k`` has no usable default in our configs: SAELens's TopK defaults to k=100, which would silently give a saved SAE
@@ -515,6 +517,11 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
             (``get_coefficients()["hierarchy_schedule"]``, 0 -> 1), so it resumes with the trainer's checkpoints; a
             step given no such coefficient uses the final weights.
         hierarchy_schedule_steps (int): length of that schedule in training steps (>= 1 with final weights, else 0).
+        hierarchy_sampled_levels (int): 0 (default) uses every level at every step. n >= 1 draws, at each step, n
+            levels of J below K at random (uniform, without replacement) and always K, weighted equally (1/(n + 1)
+            each), Matryoshka-style: K gets 1/(n + 1) of every step. The draw depends only on the step number, so a
+            resumed run draws what the uninterrupted one did. Needs the default weights (no hierarchy_weights or
+            schedule); n must be below the number of levels.
         aux_loss_coefficient (float): weight of TopK's AuxK dead-latent loss, computed on the full top-K
             reconstruction exactly as in SAELens.
         rescale_acts_by_decoder_norm (bool): rank by ``pre-activation * ||W_dec row||`` and decode with
@@ -542,6 +549,7 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
     hierarchy_weights: list[float] | None = None
     hierarchy_final_weights: list[float] | None = None
     hierarchy_schedule_steps: int = 0
+    hierarchy_sampled_levels: int = 0
     loss_implementation: str = "auto"
     b_dec_init: str = "zeros"
 
@@ -557,6 +565,7 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
         if self.hierarchy_weights is not None:
             self.hierarchy_weights = resolve_level_weights(self.levels, self.hierarchy_weights)
         self._validate_schedule()
+        self._validate_sampling()
         if self.b_dec_init not in _B_DEC_INITS:
             raise ValueError(f"b_dec_init must be one of {list(_B_DEC_INITS)}; got {self.b_dec_init!r}")
         if self.use_sparse_activations:
@@ -590,6 +599,32 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
         t = round(min(max(float(progress), 0.0), 1.0) * _SCHEDULE_STAGES) / _SCHEDULE_STAGES
         final = self.hierarchy_final_weights
         return [(1 - t) * start + t * end for start, end in zip(self.level_weights, final, strict=True)]
+
+    def levels_at(self, progress: float, step: int) -> tuple[list[int], list[float]]:
+        """The levels and weights of training step ``step`` at ``progress`` (0..1) through the schedule: every level
+        with :meth:`level_weights_at`, or with ``hierarchy_sampled_levels`` the levels drawn for that step."""
+        n_sampled = self.hierarchy_sampled_levels
+        if not n_sampled:
+            return self.levels, self.level_weights_at(progress)
+        below_k = self.levels[:-1]
+        generator = torch.Generator().manual_seed(_LEVEL_SAMPLING_SEED + step)
+        drawn = sorted(torch.randperm(len(below_k), generator=generator)[:n_sampled].tolist())
+        levels = [below_k[position] for position in drawn] + [self.k]
+        return levels, [1.0 / len(levels)] * len(levels)
+
+    def _validate_sampling(self) -> None:
+        n_sampled = self.hierarchy_sampled_levels
+        n_below = len(self.levels) - 1
+        if not is_int(n_sampled) or not 0 <= n_sampled <= max(0, n_below - 1):
+            raise ValueError(
+                f"hierarchy_sampled_levels must be an int in 0..{max(0, n_below - 1)} (levels drawn per step below "
+                f"K, fewer than the {n_below} there are; 0: all); got {n_sampled!r}"
+            )
+        if n_sampled and (self.hierarchy_weights is not None or self.hierarchy_final_weights is not None):
+            raise ValueError(
+                "hierarchy_sampled_levels weighs the drawn levels equally; it cannot be combined with "
+                "hierarchy_weights or hierarchy_final_weights (leave those None)"
+            )
 
     def _validate_schedule(self) -> None:
         steps = self.hierarchy_schedule_steps
@@ -714,17 +749,18 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
             with torch.no_grad():
                 self.b_dec.copy_(sae_in.reshape(-1, sae_in.shape[-1]).mean(dim=0))
             self.b_dec_pending_mean_init = False
-        level_weights = self.cfg.level_weights_at(step_input.coefficients.get(SCHEDULE_COEFFICIENT, 1.0))
+        progress = step_input.coefficients.get(SCHEDULE_COEFFICIENT, 1.0)
+        levels, level_weights = self.cfg.levels_at(progress, step_input.n_training_steps)
         if self._needs_dense_step(sae_in):
             mse_loss, level_mse, sae_out, feature_acts, hidden_pre = self._hierarchical_loss_through_decode(
-                sae_in, level_weights
+                sae_in, levels, level_weights
             )
             aux_losses = self.calculate_aux_loss(
                 step_input=step_input, feature_acts=feature_acts, hidden_pre=hidden_pre, sae_out=sae_out
             )
         else:
             mse_loss, level_mse, sae_out, feature_acts, hidden_pre, aux_loss = self._sparse_step(
-                sae_in, step_input.dead_neuron_mask, level_weights
+                sae_in, step_input.dead_neuron_mask, levels, level_weights
             )
             aux_losses = {"auxiliary_reconstruction_loss": aux_loss}
         losses = {"mse_loss": mse_loss, **aux_losses}
@@ -736,9 +772,8 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
                 f"hook {self.cfg.metadata.hook_name!r}; the weights are still those of the previous step. Lower the "
                 "learning rate or check the activations' scale (normalize_activations='expected_average_only_in')"
             )
-        metrics: dict[str, Any] = {
-            f"mse_at_k_{self.levels[position]}": level_mse[position] for position in self._logged_level_positions
-        }
+        logged = [len(levels) - 1] if self.cfg.hierarchy_sampled_levels else self._logged_level_positions  # drawn: K
+        metrics: dict[str, Any] = {f"mse_at_k_{levels[position]}": level_mse[position] for position in logged}
         return TrainStepOutput(
             sae_in=sae_in,
             sae_out=sae_out,
@@ -756,7 +791,11 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
         return any(_has_hooks(hook) for hook in watched) or self._overrides_methods() or sae_in.requires_grad
 
     def _sparse_step(
-        self, sae_in: torch.Tensor, dead_neuron_mask: torch.Tensor | None, level_weights: list[float]
+        self,
+        sae_in: torch.Tensor,
+        dead_neuron_mask: torch.Tensor | None,
+        levels: list[int],
+        level_weights: list[float],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(loss, level MSEs, sae_out, feature_acts, hidden_pre, AuxK loss)`` with one dense matmul.
 
@@ -789,7 +828,9 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
             pre_at_dead = pre_at_dead * decoder_norms[dead_columns]
         top_acts = pre_at_top.relu()
         coefficients = self.decoder_coefficients(top_acts, top_indices, decoder_norms)
-        mse_loss, level_mse, sae_out = self._hierarchical_loss_fused(sae_in, coefficients, top_indices, level_weights)
+        mse_loss, level_mse, sae_out = self._hierarchical_loss_fused(
+            sae_in, coefficients, top_indices, levels, level_weights
+        )
         feature_acts = sparse_activations(top_acts.detach(), top_indices, hidden_pre.shape[-1])
         if not len(dead_columns):
             return mse_loss, level_mse, sae_out, feature_acts, hidden_pre, sae_out.new_tensor(0.0)
@@ -806,7 +847,12 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
         )
 
     def _hierarchical_loss_fused(
-        self, sae_in: torch.Tensor, coefficients: torch.Tensor, top_indices: torch.Tensor, level_weights: list[float]
+        self,
+        sae_in: torch.Tensor,
+        coefficients: torch.Tensor,
+        top_indices: torch.Tensor,
+        levels: list[int],
+        level_weights: list[float],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(loss, [n_levels] detached level MSEs, detached [..., d_in] top-K reconstruction)`` from K rows a token,
         weighted by their ``coefficients`` (:meth:`decoder_coefficients`).
@@ -825,13 +871,13 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
             top_indices=top_indices,
             W_dec=W_dec,
             b_dec=self.b_dec,
-            levels=self.levels,
+            levels=levels,
             level_weights=level_weights,
         )
         return result.loss, result.level_mse, result.reconstruction.to(self.dtype)  # SAELens's sae_out dtype
 
     def _hierarchical_loss_through_decode(
-        self, sae_in: torch.Tensor, level_weights: list[float]
+        self, sae_in: torch.Tensor, levels: list[int], level_weights: list[float]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """SAELens's dense path, ``encode_with_hidden_pre`` at K then one ``self.decode`` per level.
 
@@ -844,7 +890,7 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
         top_indices = self.activation_fn.top_k(hidden_pre)[1]
         level_mses = []
         sae_out = feature_acts
-        for level in self.levels:
+        for level in levels:
             ranks_kept = torch.ones_like(feature_acts).scatter(-1, top_indices[..., level:], 0.0)
             sae_out = self.decode(feature_acts * ranks_kept)
             level_mses.append(self.mse_loss_fn(sae_out, sae_in).sum(dim=-1).mean())

@@ -10,6 +10,7 @@ metadata needs nothing from this module to load).
 - ``geometric``: levels 1, 2, 4, ... below K, and K; equal weights.
 - ``geometric-k-weight-W``: those levels, weight W on K, the rest shared equally.
 - ``schedule-to-k-weight-W``: uniform at the start, moving linearly to ``k-weight-W`` over the whole run.
+- ``sampled-N``: at each step N levels of 1..K-1 drawn at random and K, weighted equally (Matryoshka-style).
 """
 
 from __future__ import annotations
@@ -19,10 +20,19 @@ from typing import Any
 
 from sae_lens_hierarchical.evaluation.budgets import default_budgets
 
-OBJECTIVE_PATTERNS = ("uniform", "k-weight-W", "geometric", "geometric-k-weight-W", "schedule-to-k-weight-W")
-"""The accepted names; ``W`` is the weight on the K level, a number in (0, 1]."""
+OBJECTIVE_PATTERNS = (
+    "uniform",
+    "k-weight-W",
+    "geometric",
+    "geometric-k-weight-W",
+    "schedule-to-k-weight-W",
+    "sampled-N",
+)
+"""The accepted names; ``W`` is the weight on the K level, a number in (0, 1]; ``N`` levels drawn per step below K."""
 
-_NAME = re.compile(r"(?P<kind>uniform|geometric|k-weight|geometric-k-weight|schedule-to-k-weight)(?:-(?P<w>[0-9.]+))?")
+_NAME = re.compile(
+    r"(?P<kind>uniform|geometric|k-weight|geometric-k-weight|schedule-to-k-weight|sampled)(?:-(?P<w>[0-9.]+))?"
+)
 
 
 def objective_overrides(name: str, max_k: int, n_training_steps: int) -> dict[str, Any]:
@@ -39,18 +49,36 @@ def objective_overrides(name: str, max_k: int, n_training_steps: int) -> dict[st
         raise ValueError(f"n_training_steps must be >= 1; got {n_training_steps}")
     levels = default_budgets(max_k) if match["kind"].startswith("geometric") else list(range(1, max_k + 1))
     weights = None
+    if match["kind"] == "sampled":
+        return {**_DEFAULT_FIELDS, "hierarchy_sampled_levels": _sampled_levels(match["w"], name, max_k)}
     if weighted:
         weights = _weights_with_k_share(len(levels), _k_share(match["w"], name, len(levels)))
     fields: dict[str, Any] = {
+        **_DEFAULT_FIELDS,
         "hierarchy_levels": None if levels == list(range(1, max_k + 1)) else levels,
         "hierarchy_weights": weights,
-        "hierarchy_final_weights": None,
-        "hierarchy_schedule_steps": 0,
     }
     if match["kind"] == "schedule-to-k-weight":
         fields |= {"hierarchy_weights": None, "hierarchy_final_weights": weights}
         fields["hierarchy_schedule_steps"] = n_training_steps
     return fields
+
+
+# Every field an objective sets, at the config's defaults: an objective never inherits another's settings.
+_DEFAULT_FIELDS: dict[str, Any] = {
+    "hierarchy_levels": None,
+    "hierarchy_weights": None,
+    "hierarchy_final_weights": None,
+    "hierarchy_schedule_steps": 0,
+    "hierarchy_sampled_levels": 0,
+}
+
+
+def _sampled_levels(text: str, name: str, max_k: int) -> int:
+    """N of a ``sampled-N`` name: an int in 1..K-2 (fewer than the K - 1 levels below K)."""
+    if not text.isdigit() or not 1 <= int(text) <= max_k - 2:
+        raise ValueError(f"objective {name!r}: N levels drawn below K={max_k} must be an int in 1..{max_k - 2}")
+    return int(text)
 
 
 def _k_share(text: str, name: str, n_levels: int) -> float:

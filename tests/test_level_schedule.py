@@ -80,3 +80,60 @@ def test_the_schedule_is_saved_with_the_sae_and_comes_back(tmp_path) -> None:
 def test_a_bad_schedule_is_refused_with_the_value_and_the_rule(cfg: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make_sae(**cfg)
+
+
+# --- levels drawn at random each step (``hierarchy_sampled_levels``) --------------------------------------------
+
+
+def float64_loss_at_levels(sae: HierarchicalTopKTrainingSAE, sae_in: torch.Tensor, levels: list[int]) -> float:
+    """Mean over ``levels`` of the squared error of each prefix reconstruction, by a loop over ranks in float64."""
+    W_enc, b_enc, W_dec, b_dec = (p.detach() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec))
+    norms = W_dec.norm(dim=-1)
+    values, indices = (((sae_in - b_dec) @ W_enc + b_enc) * norms).topk(K, dim=-1)
+    losses = []
+    for level in levels:
+        reconstruction = b_dec + sum(
+            (values[:, i].relu() / norms[indices[:, i]])[:, None] * W_dec[indices[:, i]] for i in range(level)
+        )
+        losses.append(float((reconstruction - sae_in).pow(2).sum(dim=-1).mean()))
+    return sum(losses) / len(levels)
+
+
+def test_each_step_draws_its_levels_and_always_k() -> None:
+    cfg = HierarchicalTopKTrainingSAEConfig(d_in=D_IN, d_sae=64, k=16, hierarchy_sampled_levels=3)
+    draws = [cfg.levels_at(1.0, step) for step in range(50)]
+    for levels, weights in draws:
+        assert len(levels) == 4 and levels[-1] == 16 and levels == sorted(set(levels)) and levels[0] >= 1
+        assert weights == [0.25] * 4
+    assert len({tuple(levels) for levels, _ in draws}) > 40  # different draws
+    again = HierarchicalTopKTrainingSAEConfig(d_in=D_IN, d_sae=64, k=16, hierarchy_sampled_levels=3)
+    assert [again.levels_at(0.3, step) for step in range(50)] == draws  # a function of the step: resumes the same
+    counts = torch.zeros(16)
+    for step in range(3000):
+        for level in cfg.levels_at(1.0, step)[0][:-1]:
+            counts[level - 1] += 1
+    expected = 3000 * 3 / 15  # uniform over the 15 levels below K
+    assert counts[:15].min() > 0.8 * expected and counts[:15].max() < 1.2 * expected
+
+
+def test_the_sampled_loss_is_the_mean_over_the_drawn_levels() -> None:
+    sae = make_sae(hierarchy_sampled_levels=2)
+    sae_in = torch.randn(32, D_IN, dtype=torch.float64)
+    for step in (0, 1, 7):
+        levels = sae.cfg.levels_at(1.0, step)[0]
+        output = sae.training_forward_pass(TrainStepInput(sae_in, {}, None, step, False))
+        assert float(output.losses["mse_loss"]) == pytest.approx(float64_loss_at_levels(sae, sae_in, levels), rel=1e-9)
+        assert list(output.metrics) == [f"mse_at_k_{K}"]
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        ({"hierarchy_sampled_levels": 3}, r"hierarchy_sampled_levels must be an int in 0\.\.2 .*got 3"),
+        ({"hierarchy_sampled_levels": -1}, r"in 0\.\.2 .*got -1"),
+        ({"hierarchy_sampled_levels": 1, "hierarchy_weights": START}, "cannot be combined with hierarchy_weights"),
+    ],
+)
+def test_a_bad_sampling_is_refused(cfg: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        HierarchicalTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, **cfg)

@@ -36,6 +36,7 @@ SIXTH = 1 / 6
             {"hierarchy_final_weights": [1 / 12] * 3 + [0.75], "hierarchy_schedule_steps": 10},
         ),
         ("k-weight-1", 1, {"hierarchy_weights": [1.0]}),
+        ("sampled-3", 32, {"hierarchy_sampled_levels": 3}),
     ],
 )
 def test_named_objectives_are_the_documented_fields(name: str, max_k: int, expected: dict[str, Any]) -> None:
@@ -44,6 +45,7 @@ def test_named_objectives_are_the_documented_fields(name: str, max_k: int, expec
         "hierarchy_weights": None,
         "hierarchy_final_weights": None,
         "hierarchy_schedule_steps": 0,
+        "hierarchy_sampled_levels": 0,
     }
     fields = objective_overrides(name, max_k, n_training_steps=10)
     assert fields.keys() == defaults.keys()
@@ -63,6 +65,9 @@ def test_named_objectives_are_the_documented_fields(name: str, max_k: int, expec
         ("k-weight-1.5", r"weight on K must be in \(0, 1\]; got 1.5"),
         ("geometric-k-weight-0", r"weight on K must be in \(0, 1\]; got 0"),
         ("k-weight-1.2.3", r"must be in \(0, 1\]; got 1.2.3"),
+        ("sampled-7", r"N levels drawn below K=8 must be an int in 1\.\.6"),
+        ("sampled-0.5", r"must be an int in 1\.\.6"),
+        ("sampled", "unknown objective 'sampled'"),
     ],
 )
 def test_bad_objective_names_name_the_value(name: str, message: str) -> None:

@@ -158,7 +158,7 @@ def baseline_suite(
 
 
 # A baseline keeps its own fixed objective whatever level-weight schedule the HierarchicalTopK SAE is given.
-_NO_SCHEDULE = {"hierarchy_final_weights": None, "hierarchy_schedule_steps": 0}
+_NO_SCHEDULE = {"hierarchy_final_weights": None, "hierarchy_schedule_steps": 0, "hierarchy_sampled_levels": 0}
 
 
 def _single_level(k: int) -> dict[str, Any]:
