@@ -12,6 +12,7 @@ sae-lens-hierarchical export results/gemma-3-270m/sae --mean-l0 16 jumprelu_l0_1
 sae-lens-hierarchical upload results/gemma-3-270m/sae owner/name --topk-ks 8,32 --dry-run repo_preview
 sae-lens-hierarchical inspect results/gemma-3-270m/sae --ks 4,16,64   # latent dashboards: a static site
 sae-lens-hierarchical interpret results/seed0 results/seed1 --output-dir interp  # probing/absorption per k
+sae-lens-hierarchical hierarchicalize results/x/saes/topk-k64 --training-tokens 60000   # TopK SAE -> every k
 sae-lens-hierarchical doctor                     # versions, devices, what loss_implementation='auto' runs, self-check
 """
 
@@ -43,10 +44,11 @@ from sae_lens_hierarchical.jobs import (
 )
 from sae_lens_hierarchical.jobs.common import EmbeddedActivations
 from sae_lens_hierarchical.jobs.doctor import format_doctor_report, run_doctor_job
+from sae_lens_hierarchical.jobs.hierarchicalize import load_source, run_hierarchicalize_job
 from sae_lens_hierarchical.jobs.inspect import default_dashboard_dir, run_inspect_job
 from sae_lens_hierarchical.jobs.interpret import MEASURES, run_interpret_job
 from sae_lens_hierarchical.loading import load_sae
-from sae_lens_hierarchical.presets import PRESETS, Preset, get_preset
+from sae_lens_hierarchical.presets import PRESETS, Preset, get_preset, preset_for_sae
 from sae_lens_hierarchical.reporting import format_mean_l0_rows
 from sae_lens_hierarchical.sharing import (
     EXPORT_METADATA_KEY,
@@ -259,6 +261,34 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--sae-id", help="the SAE's folder inside a repo")
     _add_held_out_options(export, "calibrating --mean-l0")
 
+    convert = commands.add_parser(
+        "hierarchicalize",
+        help="convert a pretrained TopK (or BatchTopK) SAE to HierarchicalTopK and fine-tune it hierarchically",
+    )
+    convert.add_argument("source", help="SAELens or sparsify SAE directory, Hugging Face repo id, or SAELens release")
+    convert.add_argument("sae_id", nargs="?", help="the SAE inside a repo or release (or a sub-directory)")
+    convert.add_argument("--preset", help=f"one of {sorted(PRESETS)} (default: the one matching the source's hook)")
+    convert.add_argument(
+        "--output-dir", type=Path, help="results directory (default results/<preset>-hierarchicalized)"
+    )
+    convert.add_argument("--training-tokens", type=_positive_int, required=True, help="fine-tuning tokens")
+    convert.add_argument(
+        "--k", type=_positive_int, help="K for a JumpReLU/BatchTopK source (TopK sources bring theirs)"
+    )
+    convert.add_argument(
+        "--l0-percentile",
+        type=float,
+        default=99.0,
+        help="without --k, a JumpReLU source's K is this percentile of its L0 on training activations (default 99)",
+    )
+    _add_override_option(convert)
+    convert.add_argument("--eval-tokens", type=_positive_int, help="held-out tokens (default: the preset's)")
+    convert.add_argument("--downstream-tokens", type=_non_negative_int, help=DOWNSTREAM_HELP)
+    convert.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_ROOT)
+    convert.add_argument("--device", default="cpu")
+    convert.add_argument("--seed", type=int, default=0)
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing results directory")
+
     publish = commands.add_parser(
         "upload", help="publish the SAE (and TopK exports) on the Hugging Face Hub with SAELens's uploader"
     )
@@ -381,21 +411,9 @@ def _cache(args: argparse.Namespace) -> None:
         print(f"{name}: {cache.key.n_tokens} tokens at {cache.activations_path}")
 
 
-def _preset_for(sae: SAE[Any], name: str | None) -> Preset:
-    if name is not None:
-        return get_preset(name)
-    metadata = sae.cfg.metadata
-    for preset in PRESETS.values():
-        if preset.model_name == metadata.model_name and preset.hook_name == metadata.hook_name:
-            return preset
-    raise ValueError(
-        f"no preset matches the SAE's model {metadata.model_name!r} and hook {metadata.hook_name!r}; pass --preset"
-    )
-
-
 def _held_out(sae: SAE[Any], args: argparse.Namespace) -> tuple[Preset, Any, EmbeddedActivations]:
     """``(preset, model, held-out activations)`` of the SAE's preset (or ``--preset``), checked against the SAE."""
-    preset = _preset_for(sae, args.preset)
+    preset = preset_for_sae(sae.cfg.metadata, args.preset)
     if not preset.embedded:
         raise ValueError(f"preset {preset.name!r} has no embedded held-out corpus to evaluate on")
     if sae.cfg.d_in != preset.d_in:
@@ -447,6 +465,30 @@ def _compare(args: argparse.Namespace) -> None:
     if result.results:
         print((result.output_dir / "comparison.md").read_text())
     print(f"\nSAEs in {result.output_dir / 'saes'}; report in {result.output_dir}. Took {result.seconds / 60:.1f} min.")
+
+
+def _hierarchicalize(args: argparse.Namespace) -> None:
+    source_sae, _ = load_source(args.source, args.sae_id)  # the preset is chosen before any model is loaded
+    preset = preset_for_sae(source_sae.cfg.metadata, args.preset)
+    output_dir = args.output_dir or Path("results") / f"{preset.name}-hierarchicalized"
+    result = run_hierarchicalize_job(
+        args.source,
+        preset,
+        output_dir,
+        sae_id=args.sae_id,
+        k=args.k,
+        l0_percentile=args.l0_percentile,
+        overrides=dict(args.overrides),
+        training_tokens=args.training_tokens,
+        eval_tokens=args.eval_tokens,
+        downstream_tokens=args.downstream_tokens,
+        cache_root=args.cache_dir,
+        device=args.device,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    print((result.output_dir / "per_k.md").read_text())
+    print(f"\nSAE saved to {result.sae_dir}; report in {result.output_dir}. Took {result.seconds / 60:.1f} min.")
 
 
 def _interpret(args: argparse.Namespace) -> None:
@@ -525,7 +567,7 @@ def _upload(args: argparse.Namespace) -> None:
 def _inspect(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     sae = load_sae(args.sae, args.sae_id, device=args.device)
-    preset = _preset_for(sae, args.preset)
+    preset = preset_for_sae(sae.cfg.metadata, args.preset)
     dashboard = run_inspect_job(
         sae,
         preset,
@@ -558,6 +600,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "evaluate": _evaluate,
         "compare": _compare,
         "interpret": _interpret,
+        "hierarchicalize": _hierarchicalize,
         "export": _export,
         "upload": _upload,
         "inspect": _inspect,

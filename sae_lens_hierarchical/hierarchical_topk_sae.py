@@ -36,6 +36,7 @@ from typing_extensions import Self, override
 
 from sae_lens_hierarchical._files import save_files_atomically
 from sae_lens_hierarchical.budget import Budget, is_int, validate_k, validate_threshold
+from sae_lens_hierarchical.conversion import from_sae as convert_sae
 from sae_lens_hierarchical.losses import (
     HIERARCHICAL_LOSSES,
     auto_uses_triton,
@@ -699,6 +700,32 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
         # ``load_from_disk`` for fine-tuning, ``load_weights_from_checkpoint`` on resume) are trained and are kept.
         self.b_dec_pending_mean_init = cfg.b_dec_init == "mean"
         self.register_load_state_dict_post_hook(trained_b_dec_loaded)
+
+    @classmethod
+    def from_sae(
+        cls,
+        sae: Any,
+        k: int | None = None,
+        *,
+        calibration_activations: torch.Tensor | None = None,
+        l0_percentile: float = 99.0,
+        **training_settings: Any,
+    ) -> HierarchicalTopKTrainingSAE:
+        """A HierarchicalTopK training SAE that equals the pretrained ``sae`` at k = K before any training step, ready
+        for a hierarchical fine-tune (:func:`sae_lens_hierarchical.conversion.from_sae` says what each source keeps).
+
+        TopK and HierarchicalTopK sources bring K; a JumpReLU (BatchTopK) source needs ``k``, or
+        ``calibration_activations`` ``[tokens, d_in]`` to take K from its L0 there (``l0_percentile``).
+        ``training_settings``: further config fields (``hierarchy_levels``, ``normalize_activations``, ...).
+        """
+        return convert_sae(
+            cls,
+            sae,
+            k,
+            calibration_activations=calibration_activations,
+            l0_percentile=l0_percentile,
+            **training_settings,
+        )
 
     @override
     def get_coefficients(self) -> dict[str, TrainCoefficientConfig | float]:

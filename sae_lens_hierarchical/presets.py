@@ -233,6 +233,19 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+def preset_for_sae(metadata: Any, name: str | None = None) -> Preset:
+    """The preset called ``name``, else the one whose model and hook are those of an SAE's ``cfg.metadata``."""
+    if name is not None:
+        return get_preset(name)
+    for preset in PRESETS.values():
+        if preset.model_name == metadata.model_name and preset.hook_name == metadata.hook_name:
+            return preset
+    raise ValueError(
+        f"no preset matches the SAE's model {metadata.model_name!r} and hook {metadata.hook_name!r}; pass --preset "
+        f"(one of {sorted(PRESETS)})"
+    )
+
+
 def get_preset(name: str) -> Preset:
     """The preset called ``name``; a clear error lists the others."""
     if name not in PRESETS:

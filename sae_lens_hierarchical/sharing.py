@@ -31,6 +31,7 @@ from sae_lens.training import upload_saes_to_huggingface as sae_lens_upload
 
 from sae_lens_hierarchical._files import check_new_directory, write_new_directory
 from sae_lens_hierarchical.budget import Budget, validate_k, validate_threshold
+from sae_lens_hierarchical.conversion import sae_with_weights
 from sae_lens_hierarchical.evaluation.metrics import evaluate_budgets
 from sae_lens_hierarchical.evaluation.thresholds import calibrate_threshold
 from sae_lens_hierarchical.hierarchical_topk_sae import (
@@ -90,7 +91,7 @@ def to_topk(sae: HierarchicalSAE, k: int, *, source: str | None = None) -> TopKS
     cfg_dict = _inference_cfg_dict(sae)
     metadata = {**cfg_dict["metadata"], EXPORT_METADATA_KEY: _export_record(sae, source, k=k)}
     cfg = TopKSAEConfig.from_dict({**cfg_dict, "architecture": "topk", "k": k, "metadata": metadata})
-    topk = _built_with(TopKSAE, cfg, {name: tensor.detach().clone() for name, tensor in sae.state_dict().items()})
+    topk = sae_with_weights(TopKSAE, cfg, {name: tensor.detach().clone() for name, tensor in sae.state_dict().items()})
     if cfg.rescale_acts_by_decoder_norm:
         topk.fold_W_dec_norm()
         topk.cfg.rescale_acts_by_decoder_norm = False
@@ -193,18 +194,7 @@ def to_jumprelu(
     # the next float below θ makes the two the same test.
     theta = torch.full_like(state["b_enc"], threshold)
     state["threshold"] = torch.nextafter(theta, torch.full_like(theta, -math.inf))
-    return _built_with(JumpReLUSAE, cfg, state)
-
-
-def _built_with(sae_class: Any, cfg: Any, state: dict[str, torch.Tensor]) -> Any:
-    """``sae_class(cfg)`` holding ``state``'s tensors, built as SAELens's loaders build: on the meta device (no
-    random initialisation, no second copy), then given the tensors and the config's device."""
-    device, cfg.device = cfg.device, "meta"
-    sae = sae_class(cfg)
-    sae.cfg.device = device
-    sae.load_state_dict(state, assign=True)
-    sae.device = torch.device(device)
-    return sae
+    return sae_with_weights(JumpReLUSAE, cfg, state)
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from datasets import Dataset, IterableDataset, load_dataset
 from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
+from sae_lens.saes.sae import TrainingSAE
 from transformer_lens import HookedTransformer
 
 from sae_lens_hierarchical._files import scratch_beside
@@ -56,6 +57,8 @@ def run_training_job(
     model: HookedTransformer | None = None,
     dataset: Dataset | None = None,
     parallel: DataParallel = SINGLE_PROCESS,
+    initial_sae: TrainingSAE[Any] | None = None,
+    scaling_factor: float | None = None,
 ) -> TrainingJobResult:
     """Train a HierarchicalTopK SAE on ``preset`` and evaluate it at every budget k on held-out text.
 
@@ -69,6 +72,9 @@ def run_training_job(
         parallel: this process's place in a torchrun job (:func:`~sae_lens_hierarchical.distributed.
             joined_process_group`): each rank trains on its share of the corpus and of every batch, rank 0 alone
             writes, evaluates and reports.
+        initial_sae: an SAE to fine-tune instead of a fresh one (its config replaces the preset's SAE config).
+        scaling_factor: with ``initial_sae``, the activation scaling it was put in the units of: the trainer uses it
+            instead of estimating one, and folds it back into the weights at the end.
     """
     if wandb not in ("offline", "online", "disabled"):
         raise ValueError(f"wandb must be 'offline', 'online' or 'disabled'; got {wandb!r}")
@@ -81,6 +87,8 @@ def run_training_job(
     downstream_tokens = preset.downstream_eval_tokens if downstream_tokens is None else downstream_tokens
     # Validate the configuration before any expensive work.
     cfg = apply_overrides(preset.runner_config(None, training_tokens=training_tokens, seed=seed), overrides or {})
+    if initial_sae is not None:
+        cfg = replace(cfg, sae=initial_sae.cfg)
     if dataset is not None:  # the SAE's metadata and runner_cfg.json name what it was trained on, not the preset's
         cfg = replace(cfg, dataset_path=f"a {type(dataset).__name__} passed to run_training_job")
     rank_cfg = parallel.runner_config(cfg)
@@ -95,12 +103,15 @@ def run_training_job(
         dataset = parallel.shard(dataset if dataset is not None else streamed_dataset(cfg))
     job = {"preset": preset.name, "overrides": overrides or {}, "training_tokens": training_tokens}
     job |= {"eval_tokens": eval_tokens, "downstream_tokens": downstream_tokens, "seed": seed}
+    start = {"initial_sae": initial_sae, "scaling_factor": scaling_factor}
     if not parallel.is_main:  # the other ranks train their share; rank 0 writes, evaluates and reports
-        _run_sae_lens_runner(rank_cfg, model, activations, dataset, device, None, "disabled", preset.name, seed)
+        _run_sae_lens_runner(
+            rank_cfg, model, activations, dataset, device, None, "disabled", preset.name, seed, **start
+        )
         return TrainingJobResult(output_dir, output_dir / SAE_DIRNAME, [], time.perf_counter() - started)
     with scratch_beside(output_dir) as scratch, wandb_environment(wandb, scratch):
         sae_dir = scratch / SAE_DIRNAME
-        _run_sae_lens_runner(rank_cfg, model, activations, dataset, device, sae_dir, wandb, preset.name, seed)
+        _run_sae_lens_runner(rank_cfg, model, activations, dataset, device, sae_dir, wandb, preset.name, seed, **start)
         results: list[BudgetMetrics] = []
         if activations is not None:
             sae = load_sae(sae_dir)
@@ -127,9 +138,12 @@ def _run_sae_lens_runner(
     wandb: str,
     run_name: str,
     seed: int,
+    initial_sae: TrainingSAE[Any] | None = None,
+    scaling_factor: float | None = None,
 ) -> None:
     """SAELens's runner on this rank's activations (the cache, else ``dataset``, else the config's corpus); the SAE
-    is saved to ``output_path`` unless it is None. Under torchrun it builds the data-parallel trainer."""
+    (``initial_sae``, else a fresh one) is saved to ``output_path`` unless it is None. Under torchrun it builds the
+    data-parallel trainer."""
     run_changes: dict[str, Any] = {"output_path": None if output_path is None else str(output_path), "device": device}
     if activations is not None and activations.train is not None:
         cached_path = str(activations.train.activations_path)
@@ -142,13 +156,27 @@ def _run_sae_lens_runner(
         run_changes |= {"n_eval_batches": 1, "eval_batch_size_prompts": 4}
     cfg = replace(cfg, **run_changes)
     torch.manual_seed(seed)  # SAELens does not seed torch from cfg.seed; this fixes the SAE's initialisation
-    runner = LanguageModelSAETrainingRunner(
+    runner = FixedScalingRunner(
         cfg,
         override_model=model,
         override_dataset=activations.train_sequences if activations is not None else dataset,
+        override_sae=initial_sae,
     )
+    runner.scaling_factor = scaling_factor
     with data_parallel_trainers():
         runner.run()
+
+
+class FixedScalingRunner(LanguageModelSAETrainingRunner):  # type: ignore[type-arg]
+    """SAELens's runner, with the activation scaling factor given instead of estimated when ``scaling_factor`` is set:
+    an SAE converted from a pretrained one was put in the units of that factor before training."""
+
+    scaling_factor: float | None = None
+
+    def run_trainer_with_interruption_handling(self, trainer: Any) -> Any:
+        if self.scaling_factor is not None:
+            trainer.activation_scaler.scaling_factor = self.scaling_factor
+        return super().run_trainer_with_interruption_handling(trainer)
 
 
 def streamed_dataset(cfg: LanguageModelSAERunnerConfig[Any]) -> IterableDataset | Dataset:
