@@ -319,6 +319,10 @@ def _mean_l0_order(lines: dict[tuple[str, str], Any]) -> list[tuple[str, str]]:
 
 
 def mean_l0_label(line: str, serving: str) -> str:
+    """A line's label: its family's, and how it was served (BatchTopK and Matryoshka by threshold: their own global
+    threshold replaced, "re-thresholded")."""
+    if serving == "threshold" and line in ("batchtopk", "matryoshka"):
+        return family_label(line) + ", re-thresholded"
     return family_label(line) + SERVINGS[serving]
 
 
