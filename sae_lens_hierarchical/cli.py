@@ -239,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="checkpoints during training; rerunning the same command after a crash resumes from the newest",
     )
+    compare.add_argument(
+        "--init-from",
+        help="a pretrained SAE (SAELens or sparsify directory) the HierarchicalTopK SAE starts from: a hierarchical "
+        "fine-tune on the suite's batches (its width and K set the suite's)",
+    )
     compare.add_argument("--overwrite", action="store_true", help="replace an existing results directory")
 
     export = commands.add_parser(
@@ -458,6 +463,7 @@ def _compare(args: argparse.Namespace) -> None:
             n_checkpoints=args.checkpoints,
             objectives=args.objectives,
             parallel=parallel,
+            init_from=args.init_from,
             **_job_settings(args),
         )
     if not parallel.is_main:

@@ -34,6 +34,16 @@ from safetensors.torch import load_file
 from sae_lens_hierarchical.budget import is_int
 
 SOURCE_METADATA_KEY = "hierarchicalized_from"
+# SAE config fields the source fixes (a fine-tune's settings may not change them).
+SOURCE_FIELDS = (
+    "d_in",
+    "d_sae",
+    "k",
+    "dtype",
+    "apply_b_dec_to_input",
+    "rescale_acts_by_decoder_norm",
+    "reshape_activations",
+)
 SPARSIFY_CONFIG, SPARSIFY_WEIGHTS = "cfg.json", "sae.safetensors"
 # Normalisations SAELens folds into the weights when training ends: a saved SAE with one of them takes raw inputs.
 _FOLDED_NORMALIZATIONS = ("none", "expected_average_only_in", "covariance_whitening")

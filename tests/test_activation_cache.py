@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,21 @@ def test_sae_lens_runner_trains_from_the_cache(
     assert sae.cfg.architecture() == "hierarchical_topk"
     assert calls == [], "training must read the cache, not run the model"
     assert (tmp_path / "sae" / "sae_weights.safetensors").is_file()
+
+
+def test_a_larger_cache_of_the_same_sequences_serves_its_first_rows(tmp_path: Path) -> None:
+    """``covering``: a prefix of a larger cache is exactly what a cache of that prefix would hold; without it, or for
+    other sequences (another corpus split), a larger cache is not used."""
+    model = presets.tiny_random_model(seed=0)
+    sequences = presets.tiny_token_sequences(model.tokenizer, 32).select(range(40))
+    key = ActivationCacheKey(
+        model_name="tiny", hook_name="blocks.0.hook_resid_post", corpus="c", context_size=32, n_sequences=24
+    )
+    large = cache_activations(model, sequences, replace(key, n_sequences=40), tmp_path / "a", progress=False)
+    prefix = cache_activations(model, sequences, key, tmp_path / "a", progress=False, covering=True)
+    assert prefix.directory == large.directory and len(prefix.load()) == 24
+    own = cache_activations(model, sequences, key, tmp_path / "b", progress=False)
+    assert torch.equal(prefix.token_activations(), own.token_activations())
+    assert open_cache(tmp_path / "a", key) is None  # without covering: only its own cache
+    assert open_cache(tmp_path / "a", replace(key, corpus="other"), covering=True) is None
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [large.directory.name], "no empty directory left"

@@ -300,3 +300,52 @@ def test_bad_sources_are_refused_before_any_work(tmp_path: Path) -> None:
         with pytest.raises(SystemExit, match=message):
             main(["hierarchicalize", *arguments, *common, "--output-dir", str(tmp_path / "out")])
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists(), "refused before any work"
+
+
+def test_compare_init_from_starts_the_hierarchical_sae_from_the_source(tmp_path: Path) -> None:
+    """``compare --init-from``: the suite's HierarchicalTopK SAE starts from the converted source, in the units of the
+    scaling factor the suite's trainer estimates from the same batches: at lr 0 it ends as the source; the suite
+    takes the source's width and K, and job.json names the source without a machine path."""
+    torch.manual_seed(0)
+    source = randomised(TopKSAE(TopKSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, rescale_acts_by_decoder_norm=True)))
+    source.cfg.metadata.model_name, source.cfg.metadata.hook_name = TINY.model_name, TINY.hook_name
+    source.fold_W_dec_norm()
+    source.save_model(tmp_path / "source")
+    output = tmp_path / "suite"
+    main(
+        [
+            "compare",
+            "--preset",
+            TINY.name,
+            "--init-from",
+            str(tmp_path / "source"),
+            "--baselines",
+            "topk",
+            "--budgets",
+            "4",
+            "--training-tokens",
+            "2048",
+            "--set",
+            "lr=0",
+            "--set",
+            "sae.normalize_activations=expected_average_only_in",
+            "--eval-tokens",
+            "1000",
+            "--downstream-tokens",
+            "0",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--output-dir",
+            str(output),
+        ]
+    )
+    assert sorted(p.name for p in (output / "saes").iterdir()) == [f"htopk-k{K}", "topk-k4", f"topk-k{K}"]
+    fine_tuned = load_sae(output / "saes" / f"htopk-k{K}")
+    assert (fine_tuned.cfg.d_sae, fine_tuned.cfg.k) == (D_SAE, K)
+    x = inputs()
+    with torch.no_grad():
+        assert relative_error(fine_tuned(x, k=K), source(x)) <= 1e-5
+    job = json.loads((output / "job.json").read_text())
+    assert job["init_from"]["source"] == "source" and str(tmp_path) not in json.dumps(job)
+    saved = json.loads((output / "saes" / f"htopk-k{K}" / "cfg.json").read_text())["metadata"]
+    assert saved["hierarchicalized_from"]["source"] == "source" and saved["hook_name"] == TINY.hook_name

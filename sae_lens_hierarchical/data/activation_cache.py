@@ -65,7 +65,8 @@ class ActivationCacheKey:
 
 @dataclass(frozen=True)
 class ActivationCache:
-    """A complete cache on disk."""
+    """A complete cache on disk: the first ``key.n_sequences`` rows of the dataset in ``directory`` (which may be a
+    larger cache of the same sequences, see :func:`open_cache` with ``covering``)."""
 
     directory: Path
     key: ActivationCacheKey
@@ -73,12 +74,14 @@ class ActivationCache:
 
     @property
     def activations_path(self) -> Path:
-        """What to pass as SAELens's ``cached_activations_path``."""
+        """What to pass as SAELens's ``cached_activations_path`` (the whole dataset in ``directory``)."""
         return self.directory / ACTIVATIONS_DIRNAME
 
     def load(self) -> Dataset:
-        """The cached dataset, torch-formatted (memory-mapped, not read into RAM)."""
+        """The cached dataset's first ``key.n_sequences`` rows, torch-formatted (memory-mapped, not read into RAM)."""
         dataset = load_from_disk(str(self.activations_path))
+        if len(dataset) > self.key.n_sequences:
+            dataset = dataset.select(range(self.key.n_sequences))
         dataset.set_format(type="torch", columns=[self.key.hook_name, "token_ids"])
         return dataset
 
@@ -93,8 +96,31 @@ class ActivationCache:
         return acts[keep]
 
 
-def open_cache(cache_root: str | Path, key: ActivationCacheKey) -> ActivationCache | None:
-    """The complete cache for ``key`` under ``cache_root``, or None if there is none (or only a partial one)."""
+def open_cache(cache_root: str | Path, key: ActivationCacheKey, covering: bool = False) -> ActivationCache | None:
+    """The complete cache for ``key`` under ``cache_root``, or None if there is none (or only a partial one).
+
+    With ``covering``, a complete cache of more sequences of the same model, hook, corpus, context and dtype serves
+    too (the smallest one): its first ``key.n_sequences`` rows are exactly these sequences, since every cache of a
+    split takes a prefix of one fixed order. Only readers that take exactly those rows (:meth:`ActivationCache.load`)
+    may use it; SAELens's store reads ``activations_path`` whole.
+    """
+    exact = _open_exact(cache_root, key)
+    if exact is not None or not covering:
+        return exact
+    larger = []
+    for manifest_path in Path(cache_root).glob(f"*/{MANIFEST_FILENAME}"):
+        recorded = json.loads(manifest_path.read_text()).get("key", {})
+        same_sequences = {**recorded, "n_sequences": key.n_sequences} == asdict(key)
+        if same_sequences and recorded["n_sequences"] > key.n_sequences:
+            larger.append(ActivationCacheKey(**recorded))
+    if not larger:
+        return None
+    found = _open_exact(cache_root, min(larger, key=lambda candidate: candidate.n_sequences))
+    assert found is not None
+    return ActivationCache(directory=found.directory, key=key, d_in=found.d_in)
+
+
+def _open_exact(cache_root: str | Path, key: ActivationCacheKey) -> ActivationCache | None:
     directory = Path(cache_root) / key.directory_name()
     manifest_path = directory / MANIFEST_FILENAME
     if not manifest_path.is_file():
@@ -115,8 +141,10 @@ def cache_activations(
     batch_size: int = 8,
     shard_sequences: int = 256,
     progress: bool = True,
+    covering: bool = False,
 ) -> ActivationCache:
-    """Return the cache for ``key``, computing (or finishing) it if needed.
+    """Return the cache for ``key`` (with ``covering``, also a larger one of the same sequences: see
+    :func:`open_cache`), computing (or finishing) it if needed.
 
     Args:
         model: the language model; the forward pass stops after the hooked block.
@@ -133,6 +161,8 @@ def cache_activations(
         )
     if shard_sequences < 1 or batch_size < 1:
         raise ValueError(f"batch_size and shard_sequences must be >= 1; got {batch_size}, {shard_sequences}")
+    if covering and (found := open_cache(cache_root, key, covering=True)) is not None:
+        return found  # complete caches are never written to again: no lock needed to read one
     directory = Path(cache_root) / key.directory_name()
     directory.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(directory / ".lock"):

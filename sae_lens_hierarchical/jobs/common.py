@@ -117,6 +117,7 @@ def prepare_embedded_activations(
     cache_root: Path = DEFAULT_CACHE_ROOT,
     progress: bool = True,
     parallel: DataParallel = SINGLE_PROCESS,
+    reuse_larger_cache: bool = False,
 ) -> EmbeddedActivations:
     """Cache (or reuse) activations of the last held-out sequences and, if asked, the first training ones.
 
@@ -124,7 +125,8 @@ def prepare_embedded_activations(
     tail, so the two never overlap and every SAE trained on the same preset sees identical activations.
     Under data parallelism each rank caches and trains on its own contiguous share of that prefix (its own
     cache, so the language model runs on every rank at once); the held-out cache is filled once and shared.
-    Only rank 0 shows progress.
+    Only rank 0 shows progress. ``reuse_larger_cache``: a larger cache of the training sequences serves for its first
+    rows (for jobs that read the cache themselves, not SAELens's store, which reads a cache whole).
     """
     progress = progress and parallel.is_main
     if preset.load_token_sequences is None:
@@ -138,7 +140,7 @@ def prepare_embedded_activations(
             f"{preset.name!r} ({len(sequences)} sequences of {preset.context_size}); got {eval_tokens}"
         )
 
-    def cached(split: str, subset: Dataset) -> ActivationCache:
+    def cached(split: str, subset: Dataset, covering: bool = False) -> ActivationCache:
         key = ActivationCacheKey(
             model_name=preset.model_name,
             hook_name=preset.hook_name,
@@ -146,7 +148,7 @@ def prepare_embedded_activations(
             context_size=preset.context_size,
             n_sequences=len(subset),
         )
-        return cache_activations(model, subset, key, cache_root, progress=progress)
+        return cache_activations(model, subset, key, cache_root, progress=progress, covering=covering)
 
     activations = EmbeddedActivations(
         held_out=cached("heldout", sequences.select(range(len(sequences) - n_eval, len(sequences)))),
@@ -163,7 +165,7 @@ def prepare_embedded_activations(
         train = parallel.shard(sequences.select(range(n_train)))
         # A share's rows depend on n_train and the number of ranks: both name its cache.
         split = f"train{n_train}-rank{parallel.rank}of{parallel.world_size}" if parallel.active else "train"
-        activations.train = cached(split, train)
+        activations.train = cached(split, train, covering=reuse_larger_cache and not parallel.active)
         activations.train_sequences = train
     return activations
 

@@ -19,6 +19,7 @@ from sae_lens.constants import SPARSITY_FILENAME
 from sae_lens.multi_sae_training_runner import MultiSAETrainingRunner, MultiSAETrainingRunnerConfig
 from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import TrainingSAE
+from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -26,6 +27,7 @@ from transformer_lens import HookedTransformer
 
 from sae_lens_hierarchical._files import scratch_beside, write_json_atomically
 from sae_lens_hierarchical.baselines import baseline_config, initialise_b_dec_with_mean, matryoshka_widths
+from sae_lens_hierarchical.conversion import SOURCE_FIELDS, SOURCE_METADATA_KEY, check_convertible, from_sae
 from sae_lens_hierarchical.data.activation_cache import DEFAULT_CACHE_ROOT
 from sae_lens_hierarchical.distributed import SINGLE_PROCESS, DataParallel, data_parallel_trainers
 from sae_lens_hierarchical.evaluation import (
@@ -47,6 +49,7 @@ from sae_lens_hierarchical.jobs.common import (
     finish_job,
     prepare_embedded_activations,
 )
+from sae_lens_hierarchical.jobs.hierarchicalize import check_source_fits, load_source
 from sae_lens_hierarchical.jobs.train import streamed_dataset
 from sae_lens_hierarchical.loading import load_sae
 from sae_lens_hierarchical.objectives import objective_overrides
@@ -193,6 +196,7 @@ def run_comparison_job(
     n_checkpoints: int = 0,
     objectives: list[str] | None = None,
     parallel: DataParallel = SINGLE_PROCESS,
+    init_from: str | Path | None = None,
 ) -> ComparisonJobResult:
     """Train HierarchicalTopK and its baselines in lockstep on the same activation batches, evaluate, report.
 
@@ -211,6 +215,8 @@ def run_comparison_job(
             side, one SAE each; None trains one with the config's own objective (``overrides`` may set it).
         parallel: this process's place in a torchrun job: every SAE of the suite is trained data-parallel (each rank
             on its share of the corpus and of every batch); rank 0 alone writes, evaluates and reports.
+        init_from: a pretrained SAE (SAELens or sparsify directory) every HierarchicalTopK SAE starts from: a
+            hierarchical fine-tune on the suite's batches; its width and K set the suite's (one process).
     """
     check_output_dir(output_dir, overwrite)
     if n_checkpoints < 0:
@@ -223,6 +229,15 @@ def run_comparison_job(
     cfg = apply_overrides(preset.runner_config(None, training_tokens=training_tokens, seed=seed), overrides or {})
     device = parallel.device(device)
     cfg = replace(cfg, device=device)
+    initial_sae = source_record = None
+    if init_from is not None:
+        if parallel.active:
+            raise ValueError("compare --init-from runs in one process (not under a multi-process torchrun)")
+        source, source_record = load_source(init_from, device=device)
+        check_source_fits(source, preset, overrides or {})
+        source_k = check_convertible(source, None) or cfg.sae.k
+        cfg = replace(cfg, sae=replace(cfg.sae, k=source_k, d_sae=source.cfg.d_sae))
+        initial_sae = (source, source_record)
     max_k = cfg.sae.k
     budgets = budgets or sorted({max(1, max_k // 8), max(1, max_k // 4), max(1, max_k // 2), max_k})
     members = baseline_suite(max_k, budgets, baselines, _resolve_objectives(objectives, cfg))
@@ -230,7 +245,14 @@ def run_comparison_job(
     activations = None
     if preset.embedded:
         activations = prepare_embedded_activations(
-            preset, model, eval_tokens, training_tokens, cache_root=cache_root, progress=progress, parallel=parallel
+            preset,
+            model,
+            eval_tokens,
+            training_tokens,
+            cache_root=cache_root,
+            progress=progress,
+            parallel=parallel,
+            reuse_larger_cache=True,  # train_suite reads exactly the first rows
         )
     checkpoint_dir = output_dir.parent / f".{output_dir.name}.checkpoints"
     checkpoints = {"checkpoint_dir": checkpoint_dir, "n_checkpoints": n_checkpoints}
@@ -239,7 +261,15 @@ def run_comparison_job(
         return ComparisonJobResult(output_dir, {}, time.perf_counter() - started)
     with scratch_beside(output_dir) as scratch:
         sae_dirs = train_suite(
-            cfg, members, model, activations, scratch / "saes", seed=seed, parallel=parallel, **checkpoints
+            cfg,
+            members,
+            model,
+            activations,
+            scratch / "saes",
+            seed=seed,
+            parallel=parallel,
+            initial_sae=initial_sae,
+            **checkpoints,
         )
         results: dict[str, list[BudgetMetrics]] = {}
         mean_l0_results: dict[str, list[BudgetMetrics]] = {}
@@ -254,6 +284,8 @@ def run_comparison_job(
         job = {"preset": preset.name, "overrides": overrides or {}, "training_tokens": training_tokens}
         job |= {"eval_tokens": eval_tokens, "downstream_tokens": downstream_tokens, "seed": seed}
         job |= {"budgets": budgets, "baselines": list(baselines), "objectives": objectives}
+        if source_record is not None:
+            job["init_from"] = source_record
         if parallel.active:
             job["data_parallel_processes"] = parallel.world_size
         seconds = finish_job(scratch, output_dir, job, started)
@@ -321,8 +353,15 @@ def train_suite(
     checkpoint_dir: Path | None = None,
     n_checkpoints: int = 0,
     parallel: DataParallel = SINGLE_PROCESS,
+    initial_sae: tuple[Any, dict[str, Any]] | None = None,
 ) -> dict[str, Path]:
     """Train every member in lockstep and save each to ``output_dir/<name>`` (SAELens files; None saves nothing).
+
+    ``initial_sae``: ``(a pretrained SAE, where it came from)``, which every HierarchicalTopK member starts from instead
+    of a random initialisation
+    (converted by :func:`~sae_lens_hierarchical.conversion.from_sae`, equal to it at k = K; with
+    ``expected_average_only_in`` put in the units of the scaling factor the trainer will estimate from the same
+    batches, and folded back at the end). From cached activations, in one process.
 
     All SAEs are initialised from the same seed, so same-shaped SAEs start from identical weights. Without
     cached ``activations`` the LM runs on ``dataset`` (default: the config's ``dataset_path``).
@@ -334,9 +373,11 @@ def train_suite(
     Under torchrun (``parallel``) every SAE is trained data-parallel: each rank reads its own cached share (or its
     share of ``dataset``) in batches of B/N tokens, and rank 0 writes the checkpoints; resuming needs the same N.
     """
-    saes = {member.name: build_member(cfg, member, seed) for member in members}
+    saes = {member.name: build_member(cfg, member, seed, initial_sae) for member in members}
     sae_dirs = {} if output_dir is None else {name: output_dir / name for name in saes}
     rank_cfg = parallel.runner_config(cfg)
+    if initial_sae is not None and (parallel.active or activations is None or activations.train is None):
+        raise ValueError("starting from a pretrained SAE needs cached activations and one process")
     if activations is None or activations.train is None:
         if n_checkpoints:
             raise ValueError("checkpoints are supported when training from cached activations (embedded presets)")
@@ -379,6 +420,12 @@ def train_suite(
         skipped = state["n_training_steps"] + (cfg.n_batches_for_norm_estimate if needs_estimate else 0)
     train = activations.train.token_activations(exclude_token_ids=activations.special_token_ids)
     batches = shuffled_batches(train, cfg.hook_name, rank_cfg.train_batch_size_tokens, seed, cfg.device, skip=skipped)
+    if initial_sae is not None and resume_from is None:
+        _into_estimated_units(
+            [sae for member, sae in zip(members, saes.values(), strict=True) if member.family == "hierarchical"],
+            shuffled_batches(train, cfg.hook_name, rank_cfg.train_batch_size_tokens, seed, cfg.device),
+            cfg,
+        )
 
     def mark_complete(checkpoint_path: Path | None) -> None:
         if checkpoint_path is not None and parallel.is_main:
@@ -413,14 +460,35 @@ def train_suite(
     return sae_dirs
 
 
-def build_member(cfg: LanguageModelSAERunnerConfig[Any], member: SuiteMember, seed: int) -> TrainingSAE[Any]:
-    """The member's training SAE, initialised from ``seed`` (same-shaped members start from identical weights).
+def build_member(
+    cfg: LanguageModelSAERunnerConfig[Any],
+    member: SuiteMember,
+    seed: int,
+    initial_sae: tuple[Any, dict[str, Any]] | None = None,
+) -> TrainingSAE[Any]:
+    """The member's training SAE, initialised from ``seed`` (same-shaped members start from identical weights), or a
+    HierarchicalTopK member converted from ``initial_sae``.
 
     SAELens's ``from_sae_runner_config`` records the model, hook, context and BOS in the SAE's metadata; SAELens's own
     families get the run's SAE config translated (:func:`~sae_lens_hierarchical.baselines.baseline_config`) and
     the same ``b_dec_init``.
     """
     sae_cfg = HierarchicalTopKTrainingSAEConfig.from_sae_runner_config(cfg)
+    if member.family == "hierarchical" and initial_sae is not None:
+        member_cfg = replace(sae_cfg, **member.sae_overrides)
+        settings = {
+            name: getattr(member_cfg, name)
+            for name in member_cfg.__dataclass_fields__
+            if name not in (*SOURCE_FIELDS, "metadata")
+        }
+        source, record = initial_sae
+        k = check_convertible(source, None) or member_cfg.k  # a JumpReLU source takes the run's K
+        converted = from_sae(HierarchicalTopKTrainingSAE, source, k, source=record, **settings)
+        record = converted.cfg.metadata.get(SOURCE_METADATA_KEY)  # the run's metadata, and where the SAE came from
+        converted.cfg.metadata = type(sae_cfg.metadata).from_dict(
+            {**sae_cfg.metadata.to_dict(), SOURCE_METADATA_KEY: record}
+        )
+        return converted
     if member.architecture == ARCHITECTURE:
         torch.manual_seed(seed)
         return HierarchicalTopKTrainingSAE(replace(sae_cfg, **member.sae_overrides))
@@ -433,6 +501,20 @@ def build_member(cfg: LanguageModelSAERunnerConfig[Any], member: SuiteMember, se
     if sae_cfg.b_dec_init == "mean":
         initialise_b_dec_with_mean(sae)
     return sae
+
+
+def _into_estimated_units(saes: list[Any], batches: Iterator[dict[str, torch.Tensor]], cfg: Any) -> None:
+    """Put converted SAEs (raw units) in the units of the scaling factor SAELens's trainer is about to estimate from
+    the first batches of ``batches`` (the same batches, the same estimate), when they normalise that way."""
+    scaled = [sae for sae in saes if sae.cfg.normalize_activations == "expected_average_only_in"]
+    if not scaled:
+        return
+    scaler = ActivationScaler()
+    first = iter([next(batches)[cfg.hook_name] for _ in range(cfg.n_batches_for_norm_estimate)])
+    scaler.estimate_scaling_factor(cfg.sae.d_in, first, cfg.n_batches_for_norm_estimate)
+    for sae in scaled:
+        sae.fold_activation_norm_scaling_factor(1 / scaler.scaling_factor)
+        sae.cfg.normalize_activations = "expected_average_only_in"
 
 
 CHECKPOINT_MARKER = "checkpoint_complete.json"

@@ -16,6 +16,7 @@ import torch
 from sae_lens import SAE
 
 from sae_lens_hierarchical.conversion import (
+    SOURCE_FIELDS,
     SOURCE_METADATA_KEY,
     check_convertible,
     file_hashes,
@@ -30,16 +31,6 @@ from sae_lens_hierarchical.jobs.train import TrainingJobResult, run_training_job
 from sae_lens_hierarchical.loading import load_sae
 from sae_lens_hierarchical.presets import Preset
 
-# SAE fields the source fixes: an override of one is refused rather than silently lost.
-SOURCE_FIELDS = (
-    "d_in",
-    "d_sae",
-    "k",
-    "dtype",
-    "apply_b_dec_to_input",
-    "rescale_acts_by_decoder_norm",
-    "reshape_activations",
-)
 # Tokens of the training activations that choose K for a JumpReLU source (its L0 percentile there).
 CALIBRATION_TOKENS = 20_000
 
