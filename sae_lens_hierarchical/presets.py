@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from datasets import Dataset
@@ -141,6 +141,18 @@ class Preset:
         settings.update(copy.deepcopy(self.runner_defaults))
         settings.update(overrides)
         return LanguageModelSAERunnerConfig(sae=self.sae_config(**(sae_overrides or {})), **settings)
+
+
+def replace_runner_config(cfg: LanguageModelSAERunnerConfig[Any], **changes: Any) -> LanguageModelSAERunnerConfig[Any]:
+    """``dataclasses.replace`` for a runner config, keeping its ``checkpoint_path`` unless it is one of the changes.
+
+    SAELens's ``__post_init__`` appends a run id to ``checkpoint_path``, and ``replace`` runs it again on every copy,
+    which would nest ``ckpt/<id>/<id>/...`` once per copy the jobs make.
+    """
+    replaced = replace(cfg, **changes)
+    if "checkpoint_path" not in changes:
+        replaced.checkpoint_path = cfg.checkpoint_path
+    return replaced
 
 
 def mixing_buffer_batches(train_batch_size_tokens: int, context_size: int) -> int:

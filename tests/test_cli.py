@@ -246,3 +246,29 @@ def test_evaluate_accepts_a_sae_lens_topk_sae(tmp_path: Path, capsys: pytest.Cap
     assert_rows_match(rows, metrics_by_hand(tmp_path / "topk", held_out(2000, tmp_path / "cache"), [2, 8]))
     assert f"| 2 | {rows[0]['l0']:.2f} |" in capsys.readouterr().out
     assert all(row["ce_loss_score"] is not None for row in rows)
+
+
+def test_checkpoint_path_gets_one_run_id(tmp_path: Path) -> None:
+    """``--set checkpoint_path=ckpt`` writes ``ckpt/<run id>/<tokens>`` (SAELens appends one id), not an id per
+    internal copy of the config."""
+    ckpt = tmp_path / "ckpt"
+    main(
+        [
+            "train",
+            *TINY_TRAIN,
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--set",
+            f"checkpoint_path={ckpt}",
+            "--set",
+            "n_checkpoints=1",
+        ]
+    )
+    runs = list(ckpt.iterdir())
+    assert len(runs) == 1 and len(runs[0].name) == 8, runs  # the run id
+    checkpoints = sorted(p.name for p in runs[0].iterdir())
+    assert checkpoints and all(name.isdigit() or name.startswith("final_") for name in checkpoints), checkpoints
+    recorded = json.loads((tmp_path / "run" / "sae" / "runner_cfg.json").read_text())["checkpoint_path"]
+    assert recorded == str(runs[0])

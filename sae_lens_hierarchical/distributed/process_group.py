@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeVar
 
@@ -20,6 +20,8 @@ import torch.distributed as dist
 from datasets import Dataset, IterableDataset
 from datasets.distributed import split_dataset_by_node
 from sae_lens import LanguageModelSAERunnerConfig
+
+from sae_lens_hierarchical.presets import replace_runner_config
 
 # How long a collective may wait for a rank before the job fails. torchrun's agent already stops every worker as
 # soon as one dies; this bounds a rank that hangs without dying (a stuck data loader, a deadlocked device). Each rank
@@ -79,7 +81,7 @@ class DataParallel:
         # T // B of them; one sample more than whole rank batches keeps both counts.
         rank_batch = batch // self.world_size
         rank_tokens = cfg.training_tokens // batch * rank_batch + (1 if cfg.training_tokens % batch else 0)
-        return replace(cfg, train_batch_size_tokens=rank_batch, training_tokens=rank_tokens)
+        return replace_runner_config(cfg, train_batch_size_tokens=rank_batch, training_tokens=rank_tokens)
 
     def barrier(self) -> None:
         """Wait for every rank (a no-op alone)."""

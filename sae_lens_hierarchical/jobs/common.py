@@ -42,7 +42,7 @@ from sae_lens_hierarchical.evaluation import (
     format_markdown_table,
     plot_over_k,
 )
-from sae_lens_hierarchical.presets import Preset, mixing_buffer_batches
+from sae_lens_hierarchical.presets import Preset, mixing_buffer_batches, replace_runner_config
 from sae_lens_hierarchical.reporting import format_mean_l0_rows, plot_mean_l0
 
 
@@ -198,7 +198,7 @@ def apply_overrides(
         context = runner_changes.get("context_size", cfg.context_size)
         if cfg.n_batches_in_buffer * context < batch:
             resized["n_batches_in_buffer"] = mixing_buffer_batches(batch, context)
-    result = replace(cfg, **resized) if resized else cfg
+    result = replace_runner_config(cfg, **resized) if resized else cfg
     if result.n_batches_in_buffer * result.context_size < result.train_batch_size_tokens:
         raise ValueError(
             f"n_batches_in_buffer={result.n_batches_in_buffer} sequences of {result.context_size} tokens cannot hold "

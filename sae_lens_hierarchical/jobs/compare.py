@@ -53,7 +53,7 @@ from sae_lens_hierarchical.jobs.hierarchicalize import check_source_fits, load_s
 from sae_lens_hierarchical.jobs.train import streamed_dataset
 from sae_lens_hierarchical.loading import load_sae
 from sae_lens_hierarchical.objectives import objective_overrides
-from sae_lens_hierarchical.presets import Preset
+from sae_lens_hierarchical.presets import Preset, replace_runner_config
 from sae_lens_hierarchical.reporting import format_mean_l0_table, mean_l0_lines, plot_mean_l0
 
 BASELINES = ("topk", "batchtopk", "matryoshka", "multi_topk")
@@ -228,7 +228,7 @@ def run_comparison_job(
     _check_objectives(objectives, overrides or {})
     cfg = apply_overrides(preset.runner_config(None, training_tokens=training_tokens, seed=seed), overrides or {})
     device = parallel.device(device)
-    cfg = replace(cfg, device=device)
+    cfg = replace_runner_config(cfg, device=device)
     initial_sae = source_record = None
     if init_from is not None:
         if parallel.active:
@@ -236,7 +236,7 @@ def run_comparison_job(
         source, source_record = load_source(init_from, device=device)
         check_source_fits(source, preset, overrides or {})
         source_k = check_convertible(source, None) or cfg.sae.k
-        cfg = replace(cfg, sae=replace(cfg.sae, k=source_k, d_sae=source.cfg.d_sae))
+        cfg = replace_runner_config(cfg, sae=replace(cfg.sae, k=source_k, d_sae=source.cfg.d_sae))
         initial_sae = (source, source_record)
     max_k = cfg.sae.k
     budgets = budgets or sorted({max(1, max_k // 8), max(1, max_k // 4), max(1, max_k // 2), max_k})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from sae_lens_hierarchical.jobs.common import (
     write_report,
 )
 from sae_lens_hierarchical.loading import load_sae
-from sae_lens_hierarchical.presets import Preset
+from sae_lens_hierarchical.presets import Preset, replace_runner_config
 
 SAE_DIRNAME = "sae"
 
@@ -88,9 +88,9 @@ def run_training_job(
     # Validate the configuration before any expensive work.
     cfg = apply_overrides(preset.runner_config(None, training_tokens=training_tokens, seed=seed), overrides or {})
     if initial_sae is not None:
-        cfg = replace(cfg, sae=initial_sae.cfg)
+        cfg = replace_runner_config(cfg, sae=initial_sae.cfg)
     if dataset is not None:  # the SAE's metadata and runner_cfg.json name what it was trained on, not the preset's
-        cfg = replace(cfg, dataset_path=f"a {type(dataset).__name__} passed to run_training_job")
+        cfg = replace_runner_config(cfg, dataset_path=f"a {type(dataset).__name__} passed to run_training_job")
     rank_cfg = parallel.runner_config(cfg)
     device = parallel.device(device)
     model = model if model is not None else preset.load_model(device)
@@ -154,7 +154,7 @@ def _run_sae_lens_runner(
         )
         # In-loop evaluations run the whole LM with logits: keep them small on a CPU.
         run_changes |= {"n_eval_batches": 1, "eval_batch_size_prompts": 4}
-    cfg = replace(cfg, **run_changes)
+    cfg = replace_runner_config(cfg, **run_changes)
     torch.manual_seed(seed)  # SAELens does not seed torch from cfg.seed; this fixes the SAE's initialisation
     runner = FixedScalingRunner(
         cfg,
