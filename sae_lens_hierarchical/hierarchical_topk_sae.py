@@ -272,16 +272,49 @@ class VariableKMixin(Generic[T_CFG]):
             view = type(root)(cfg)  # type: ignore[call-arg]
             view.use_error_term = self.use_error_term  # type: ignore[attr-defined]
         view.__dict__["_view_root"] = root  # a plain attribute, not a submodule: the view holds no state of its own
-        root.__dict__.setdefault("_view_refs", []).append(weakref.ref(view))
+        root._register_view(view)
         root._sync_views()
         view.train(self.training)  # type: ignore[attr-defined]
         view.set_k(budget.k)  # type: ignore[arg-type]
         view.set_threshold(budget.threshold)
         return view
 
+    def _register_view(self, view: Any) -> None:
+        """Remember ``view`` (weakly: a view nobody holds is forgotten), dropping views already gone."""
+        live = [reference for reference in self.__dict__.get("_view_refs", []) if reference() is not None]
+        self.__dict__["_view_refs"] = [*live, weakref.ref(view)]
+
+    # SAELens keeps closures as attributes (input reshaping, run-time normalisation): they capture the SAE they were
+    # made for and cannot be pickled. A copy rebuilds its own; the weak references to views stay with their SAE.
+    _REBUILT_ON_COPY = (
+        "reshape_fn_in",
+        "reshape_fn_out",
+        "run_time_activation_norm_fn_in",
+        "run_time_activation_norm_fn_out",
+        "_view_refs",
+    )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy`` and ``pickle`` copy: everything but the closures and the views (see above)."""
+        return {name: value for name, value in self.__dict__.items() if name not in self._REBUILT_ON_COPY}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A copy gets closures of its own, and a copied view is a view of its copied SAE."""
+        super().__setstate__(state)  # type: ignore[misc]
+        self._setup_activation_normalization()  # type: ignore[attr-defined]
+        d_head = state.get("d_head")
+        if state.get("hook_z_reshaping_mode"):
+            self.turn_on_forward_pass_hook_z_reshaping()  # type: ignore[attr-defined]
+        else:
+            self.turn_off_forward_pass_hook_z_reshaping()  # type: ignore[attr-defined]
+        self.__dict__["d_head"] = d_head
+        if self._view_root is not None:
+            self._view_root._register_view(self)
+
     def _sync_views(self) -> None:
         """Give every live view this SAE's parameters, config (except its own metadata), dtype and device."""
-        for reference in self.__dict__.get("_view_refs", []):
+        self.__dict__["_view_refs"] = [r for r in self.__dict__.get("_view_refs", []) if r() is not None]
+        for reference in self.__dict__["_view_refs"]:
             view = reference()
             if view is None:
                 continue

@@ -264,3 +264,44 @@ def test_compiled_forward_is_shared_by_saes_of_one_shape() -> None:
             torch.testing.assert_close(compiled(x).double(), independent(sae, x, K)[1], rtol=1e-5, atol=1e-5)
     assert 1 <= counter.frame_count <= 2
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_views_stay_with_their_own_sae_across_deepcopy_pickle_and_load(kind: str) -> None:
+    """A deep copy or an unpickled copy of an SAE with live views is independent: changing the copy (weights, dtype)
+    leaves the original's views on the original; a copied view follows its copied SAE; loading weights into the SAE
+    reaches its views."""
+    import copy
+    import pickle
+
+    sae = make_sae(kind)
+    view = sae.at_k(3)
+    x = torch.randn(5, D_IN)
+    for copied in (copy.deepcopy(sae), pickle.loads(pickle.dumps(sae))):
+        with torch.no_grad():
+            copied.W_dec.mul_(2.0)
+        copied.to(torch.float64)  # syncs the copy's views, if it had any
+        assert view.W_dec is sae.W_dec and view.dtype == torch.float32
+        with torch.no_grad():
+            torch.testing.assert_close(view(x).double(), independent(sae, x, 3)[1], rtol=1e-5, atol=1e-5)
+    copied_view = copy.deepcopy(view)
+    root = copied_view._view_root
+    assert root is not sae and copied_view.W_dec is root.W_dec and copied_view.k == 3
+    root.to(torch.float64)
+    assert copied_view.dtype == torch.float64 and view.dtype == torch.float32
+    replacement = {name: tensor * 0.5 for name, tensor in sae.state_dict().items()}
+    sae.load_state_dict(replacement, assign=True)  # new parameter objects: the view must follow
+    assert view.W_dec is sae.W_dec
+
+
+def test_discarded_views_are_not_remembered() -> None:
+    import gc
+
+    sae = make_sae("inference")
+    kept = sae.at_k(2)
+    for k in range(1, K + 1):
+        for _ in range(10):
+            sae.at_k(k)
+    gc.collect()
+    sae.to(torch.float32)
+    assert len(sae.__dict__["_view_refs"]) <= 2 and kept.k == 2
