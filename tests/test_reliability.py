@@ -256,3 +256,36 @@ def test_checkpoint_of_other_settings_is_refused(tmp_path: Path) -> None:
     assert latest_checkpoint(tmp_path, {"seed": 1}) == checkpoint
     (tmp_path / "2048").mkdir()  # killed while writing: no marker, ignored
     assert latest_checkpoint(tmp_path, {"seed": 1}) == checkpoint
+
+
+@pytest.mark.parametrize("normalize", ["none", "expected_average_only_in", "covariance_whitening"])
+def test_resuming_from_a_checkpoint_gives_the_uninterrupted_weights(tmp_path: Path, normalize: str) -> None:
+    """Every normalisation the training accepts: a rerun from the first checkpoint ends bitwise where the run that went
+    on did (the batches its statistics were estimated on are skipped as the uninterrupted run consumed them)."""
+    import shutil
+
+    from sae_lens_hierarchical.jobs import SuiteMember, prepare_embedded_activations, train_suite
+
+    model = TINY.load_model("cpu")
+    overrides = {"d_sae": 64, "k": 8, "normalize_activations": normalize}
+    cfg = TINY.runner_config(None, training_tokens=12_800, sae_overrides=overrides, n_batches_for_norm_estimate=4)
+    members = [
+        SuiteMember("htopk", "hierarchical", {}, [8]),
+        SuiteMember("topk", "topk_fixed", {"hierarchy_levels": [8]}, [8]),
+    ]
+    activations = prepare_embedded_activations(TINY, model, 1000, 12_800, cache_root=tmp_path / "cache", progress=False)
+    checkpoints = tmp_path / "checkpoints"
+    full = train_suite(
+        cfg, members, model, activations, tmp_path / "full", seed=1, checkpoint_dir=checkpoints, n_checkpoints=3
+    )
+    complete = sorted(checkpoints.glob(f"*/{CHECKPOINT_MARKER}"), key=lambda marker: int(marker.parent.name))
+    assert len(complete) >= 2
+    for later in complete[1:]:
+        shutil.rmtree(later.parent)  # as if the run had died after its first checkpoint
+    resumed = train_suite(
+        cfg, members, model, activations, tmp_path / "resumed", seed=1, checkpoint_dir=checkpoints, n_checkpoints=3
+    )
+    for name in ("htopk", "topk"):
+        ours, reference = (load_file(paths[name] / "sae_weights.safetensors") for paths in (resumed, full))
+        for tensor in reference:
+            torch.testing.assert_close(ours[tensor], reference[tensor], rtol=0, atol=0, msg=f"{name}.{tensor}")

@@ -412,8 +412,8 @@ def train_suite(
         logger=LoggingConfig(log_to_wandb=False),
     )
     resume_from = latest_checkpoint(checkpoint_dir, settings) if n_checkpoints and checkpoint_dir else None
-    # The scaling-factor estimate reads the first batches; a resumed run restores the factor instead.
-    needs_estimate = any(sae.cfg.normalize_activations == "expected_average_only_in" for sae in saes.values())
+    # The scaling-factor or whitening estimate reads the first batches; a resumed run restores the statistics instead.
+    needs_estimate = any(sae.cfg.normalize_activations in _ESTIMATED_NORMALIZATIONS for sae in saes.values())
     skipped = 0
     if resume_from is not None:
         state = json.loads((resume_from / CHECKPOINT_MARKER).read_text())
@@ -518,6 +518,8 @@ def _into_estimated_units(saes: list[Any], batches: Iterator[dict[str, torch.Ten
 
 
 CHECKPOINT_MARKER = "checkpoint_complete.json"
+# Normalisations whose statistics SAELens's trainer estimates from the first n_batches_for_norm_estimate batches.
+_ESTIMATED_NORMALIZATIONS = ("expected_average_only_in", "covariance_whitening")
 # Runner fields that SAELens's runners copy into each SAE's metadata when they run (in their private
 # ``_set_sae_metadata``) but its public ``from_sae_runner_config`` leaves out. From cached activations train_suite
 # drives MultiSAETrainer itself (to own the batch order and resume from checkpoints), so no runner records them.
