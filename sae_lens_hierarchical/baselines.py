@@ -24,6 +24,10 @@ from sae_lens_hierarchical.hierarchical_topk_sae import trained_b_dec_loaded
 SAE_LENS_BASELINES = {"batchtopk": ("k",), "matryoshka_batchtopk": ("k", "matryoshka_widths")}
 
 
+# Settings of how this package's SAE runs, not of what it learns: SAELens's classes keep their own.
+_NOT_SHARED = ("use_sparse_activations",)
+
+
 def matryoshka_widths(d_sae: int) -> list[int]:
     """Nested dictionary prefixes doubling from d_sae/16 up to d_sae (5 levels; the outermost is the whole SAE).
 
@@ -51,7 +55,11 @@ def baseline_config(source: TrainingSAEConfig, architecture: str, **settings: An
     missing = [name for name in SAE_LENS_BASELINES[architecture] if name not in settings]
     if missing:
         raise ValueError(f"a {architecture} baseline needs {missing}")
-    shared = {field.name: getattr(source, field.name) for field in fields(source) if field.name in names}
+    shared = {
+        field.name: getattr(source, field.name)
+        for field in fields(source)
+        if field.name in names and field.name not in _NOT_SHARED
+    }
     return cfg_class(**{**shared, **settings})
 
 

@@ -567,8 +567,9 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
             the ``gpu`` extra); ``"reference"`` is plain autograd over every prefix reconstruction
             (``[tokens, K, d_in]`` tensors), kept as the readable definition and for cross-checking. ``"auto"`` and
             ``"triton"`` also let the sparse encoder backward use its Triton kernel on CUDA.
-        use_sparse_activations (bool): must stay False; the hierarchical loss always decodes sparsely from
-            the K selected decoder rows.
+        use_sparse_activations (bool): the form of ``feature_acts`` in the training step's output, as for SAELens's
+            TopK: dense ``[tokens, d_sae]`` (default), or a sparse COO tensor (what this package's jobs use: SAELens's
+            trainer reads it without a dense ``[tokens, d_sae]`` pass). The loss decodes sparsely either way.
         b_dec_init (str): ``"zeros"`` (default, as SAELens) or ``"mean"``: set ``b_dec`` to the mean of the
             first training batch (after SAELens's activation scaling) before the first step. Residual streams
             have a large mean; starting from zero, one latent spends the top rank of every token on it, which
@@ -602,11 +603,6 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
         self._validate_sampling()
         if self.b_dec_init not in _B_DEC_INITS:
             raise ValueError(f"b_dec_init must be one of {list(_B_DEC_INITS)}; got {self.b_dec_init!r}")
-        if self.use_sparse_activations:
-            raise ValueError(
-                "use_sparse_activations=True is not supported by hierarchical_topk (allowed: False); "
-                "its loss already decodes sparsely from the K selected decoder rows"
-            )
         if self.normalize_activations in _UNSUPPORTED_TRAINING_NORMALIZATIONS:
             raise ValueError(
                 f"normalize_activations={self.normalize_activations!r} is not supported for training "
@@ -818,6 +814,8 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
             aux_losses = self.calculate_aux_loss(
                 step_input=step_input, feature_acts=feature_acts, hidden_pre=hidden_pre, sae_out=sae_out
             )
+            if self.cfg.use_sparse_activations:  # the form SAELens's TopK returns with this flag
+                feature_acts = feature_acts.to_sparse()
         else:
             mse_loss, level_mse, sae_out, feature_acts, hidden_pre, aux_loss = self._sparse_step(
                 sae_in, step_input.dead_neuron_mask, levels, level_weights
@@ -862,8 +860,8 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
         The encoder runs without autograd; :class:`PreActivationsAt` hands the losses the K selected entries of each
         token and the dead latents' columns, each with a backward over those entries only. ``feature_acts`` and
         ``hidden_pre`` are returned without gradients, for SAELens's firing statistics and logging; ``feature_acts`` is
-        a sparse COO tensor, which SAELens's trainer reads as it reads a dense one (its TopK returns one too, with
-        ``use_sparse_activations``), so no step fills and scans a dense ``[tokens, d_sae]`` tensor for statistics.
+        dense ``[tokens, d_sae]`` as SAELens's TopK returns it, or with ``use_sparse_activations`` a sparse COO tensor
+        (as its TopK then does), which SAELens's trainer reads without filling and scanning a dense tensor.
         """
         decoder_norms = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
         with torch.no_grad():
@@ -892,6 +890,8 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
             sae_in, coefficients, top_indices, levels, level_weights
         )
         feature_acts = sparse_activations(top_acts.detach(), top_indices, hidden_pre.shape[-1])
+        if not self.cfg.use_sparse_activations:
+            feature_acts = feature_acts.to_dense()
         if not len(dead_columns):
             return mse_loss, level_mse, sae_out, feature_acts, hidden_pre, sae_out.new_tensor(0.0)
         residual = (sae_in - sae_out).detach()

@@ -106,7 +106,8 @@ class Preset:
 
     def sae_config(self, **overrides: Any) -> HierarchicalTopKTrainingSAEConfig:
         """The HierarchicalTopK training config for this preset (SAELens TopK defaults otherwise)."""
-        settings: dict[str, Any] = {"d_in": self.d_in, "d_sae": self.d_sae, "k": self.k}
+        # Sparse feature_acts: SAELens's trainer reads them without a dense [tokens, d_sae] pass each step.
+        settings: dict[str, Any] = {"d_in": self.d_in, "d_sae": self.d_sae, "k": self.k, "use_sparse_activations": True}
         settings.update(copy.deepcopy(self.sae_defaults))
         settings.update(overrides)
         return HierarchicalTopKTrainingSAEConfig(**settings)

@@ -59,7 +59,6 @@ BAD_TRAINING_CONFIGS = [
     ({"hierarchy_levels": [2, 8], "hierarchy_weights": [1.0, -0.5]}, r"finite numbers >= 0; got -0.5"),
     ({"hierarchy_levels": [2, 8], "hierarchy_weights": [1.0, float("nan")]}, r"finite numbers >= 0; got nan"),
     ({"hierarchy_levels": [2, 8], "hierarchy_weights": [0.0, 0.0]}, r"must not all be zero"),
-    ({"use_sparse_activations": True}, r"use_sparse_activations=True is not supported"),
     ({"normalize_activations": "layer_norm"}, r"normalize_activations='layer_norm' is not supported"),
 ]
 

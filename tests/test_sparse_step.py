@@ -205,6 +205,7 @@ def test_saelens_trainer_steps_identically_with_the_sparse_feature_acts() -> Non
     """SAELens's own ``SAETrainer.step``, its firing statistics (from our sparse COO ``feature_acts``), its dead-latent
     window (so AuxK starts), clipping, Adam and its log dict: everything equals the same trainer driving its TopK."""
     ours, theirs = topk_pair()
+    ours.cfg.use_sparse_activations = True  # as the package's jobs train
     batches = torch.randn(6, TOKENS, D_IN, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) * 2
     trainer_cfg = SAETrainerConfig(
         total_training_samples=6 * TOKENS, train_batch_size_samples=TOKENS, lr=1e-2, lr_end=1e-2, dead_feature_window=2
@@ -282,3 +283,44 @@ def test_saelens_compile_sae_keeps_the_sparse_step() -> None:
     original = sae.training_forward_pass
     sae.training_forward_pass = lambda step_input: original(step_input)  # what torch.compile's wrapper does
     assert not sae._needs_dense_step(torch.randn(TOKENS, D_IN))
+
+
+def firing_loop(sae: Any, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A training loop as people write it against SAELens's TopK: dense firing statistics on ``feature_acts``."""
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    fired = []
+    for step, batch in enumerate(batches):
+        out = sae.training_forward_pass(TrainStepInput(batch, {}, None, step, False))
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        acts = out.feature_acts.to_dense() if out.feature_acts.is_sparse else out.feature_acts
+        fired.append((acts != 0).any(0))
+        assert out.feature_acts.is_sparse == sae.cfg.use_sparse_activations
+        if not sae.cfg.use_sparse_activations:
+            fired[-1] = (out.feature_acts != 0).any(0)  # the everyday line, on a dense tensor
+    return fired
+
+
+def test_feature_acts_take_the_form_sae_lens_topk_gives() -> None:
+    """Dense by default, as SAELens's TopK: the same loop runs on both architectures and (levels = [K]) fires the same
+    latents at every step; with ``use_sparse_activations=True`` ours are sparse COO, and fire the same latents again.
+    (SAELens 6.54's own TopK fails in backward with that flag on this CPU, so it is not run sparse here.)"""
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    batches = [torch.randn(32, 16, generator=torch.Generator().manual_seed(step)).double() for step in range(3)]
+    runs = []
+    for cls, cfg_cls, extra in (
+        (TopKTrainingSAE, TopKTrainingSAEConfig, {}),
+        (HierarchicalTopKTrainingSAE, HierarchicalTopKTrainingSAEConfig, {"hierarchy_levels": [6]}),
+        (
+            HierarchicalTopKTrainingSAE,
+            HierarchicalTopKTrainingSAEConfig,
+            {"hierarchy_levels": [6], "use_sparse_activations": True},
+        ),
+    ):
+        torch.manual_seed(0)
+        sae = cls(cfg_cls(d_in=16, d_sae=48, k=6, dtype="float64", **extra))
+        runs.append(firing_loop(sae, batches))
+    for step in range(len(batches)):
+        assert torch.equal(runs[0][step], runs[1][step]) and torch.equal(runs[1][step], runs[2][step])
