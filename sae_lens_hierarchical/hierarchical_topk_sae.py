@@ -388,7 +388,9 @@ class VariableKMixin(Generic[T_CFG]):
         return super().process_sae_in(sae_in)  # type: ignore[misc]
 
     def save_model(self, path: str | Path) -> tuple[Path, Path]:
-        """SAELens's ``save_model``, with each file replaced atomically (see :func:`save_files_atomically`)."""
+        """SAELens's ``save_model``, with each file replaced atomically (see :func:`save_files_atomically`); a
+        non-finite weight is refused before anything is written."""
+        check_weights_finite(self, "not saved")
         return save_files_atomically(path, super().save_model)  # type: ignore[misc]
 
     def encode_top_k(self, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -603,6 +605,13 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
         self._validate_sampling()
         if self.b_dec_init not in _B_DEC_INITS:
             raise ValueError(f"b_dec_init must be one of {list(_B_DEC_INITS)}; got {self.b_dec_init!r}")
+        if str(self.dtype).removeprefix("torch.") == "float16":
+            raise ValueError(
+                "dtype='float16' SAE weights cannot train: Adam's eps (1e-8) is 0 in float16, so the first update "
+                "divides by zero and every weight becomes NaN (SAELens's TopK as well). Use dtype='bfloat16', or "
+                "float32 with autocast=True (SAELens's runner) for half-precision speed; allowed: float32, float64, "
+                "bfloat16"
+            )
         if self.normalize_activations in _UNSUPPORTED_TRAINING_NORMALIZATIONS:
             raise ValueError(
                 f"normalize_activations={self.normalize_activations!r} is not supported for training "
@@ -765,7 +774,9 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
         return coefficients
 
     def save_inference_model(self, path: str | Path) -> tuple[Path, Path]:
-        """SAELens's ``save_inference_model``, with each file replaced atomically."""
+        """SAELens's ``save_inference_model``, with each file replaced atomically; a non-finite weight (also one the
+        last update made, which no step checked) is refused before anything is written."""
+        check_weights_finite(self, "not saved")
         return save_files_atomically(path, super().save_inference_model)
 
     @override
@@ -795,6 +806,7 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
         (``hook_sae_recons`` fires once per level, K last), with SAELens's ``mse_loss_fn``. Both give the same loss.
         """
         self._refuse_on_view("train")
+        self._check_weights_finite(step_input)
         sae_in = step_input.sae_in
         if not bool(torch.isfinite(sae_in).all()):  # one host sync a step; NaN weights would otherwise be saved
             raise ValueError(
@@ -841,6 +853,24 @@ class HierarchicalTopKTrainingSAE(VariableKMixin[HierarchicalTopKTrainingSAEConf
             losses=losses,
             metrics=metrics,
         )
+
+    def _check_weights_finite(self, step_input: TrainStepInput) -> None:
+        """Stop at the first step whose weights an update made non-finite: on CPU at every step; on an accelerator
+        (where reading a flag waits for the device) the flag is kept on the device and read at logging steps, and the
+        save refuses what it missed. SAELens's trainer never looks after its last update."""
+        flags = torch.stack([torch.isfinite(parameter).all() for parameter in self.parameters()])
+        pending = self.__dict__.get("_nonfinite_step")
+        if flags.device.type != "cpu" and not step_input.is_logging_step:
+            step = torch.full_like(flags[:1], step_input.n_training_steps, dtype=torch.long)
+            missing = torch.where(flags.all(), torch.full_like(step, -1), step - 1)
+            self.__dict__["_nonfinite_step"] = (
+                missing if pending is None else torch.where(pending >= 0, pending, missing)
+            )
+            return
+        if pending is not None and int(pending) >= 0:
+            raise_non_finite(self, f"after the update of training step {int(pending)}")
+        if not bool(flags.all()):
+            raise_non_finite(self, f"after the update of training step {step_input.n_training_steps - 1}")
 
     def _needs_dense_step(self, sae_in: torch.Tensor) -> bool:
         """Whether SAELens's dense step must run: a hook watches the SAE's activations, a subclass replaced a method the
@@ -978,6 +1008,25 @@ def _dead_columns(dead_neuron_mask: torch.Tensor | None, d_sae: int, device: tor
             f"{dead_neuron_mask.dtype} of shape {tuple(dead_neuron_mask.shape)}"
         )
     return dead_neuron_mask.nonzero().reshape(-1).to(device)
+
+
+def check_weights_finite(sae: nn.Module, consequence: str) -> None:
+    """Raise :func:`raise_non_finite` if any weight of ``sae`` (any SAELens SAE) is NaN or infinite."""
+    if not all(bool(torch.isfinite(parameter).all()) for parameter in sae.parameters()):
+        raise_non_finite(sae, consequence)
+
+
+def raise_non_finite(sae: nn.Module, when: str) -> None:
+    """One clear error: which weight is not finite, when, and the likely cause."""
+    names = [name for name, parameter in sae.named_parameters() if not bool(torch.isfinite(parameter).all())]
+    dtype = getattr(sae, "dtype", None)
+    cause = (
+        "float16 weights with Adam (its eps is 0 in float16): train in bfloat16 or float32"
+        if dtype == torch.float16
+        else "a learning rate too high for the activations' scale: lower lr, or normalise the activations "
+        "(normalize_activations='expected_average_only_in')"
+    )
+    raise ValueError(f"non-finite weights (NaN or inf) in {', '.join(names)} {when}; likely cause: {cause}")
 
 
 def trained_b_dec_loaded(module: nn.Module, incompatible_keys: Any) -> None:

@@ -272,3 +272,21 @@ def test_checkpoint_path_gets_one_run_id(tmp_path: Path) -> None:
     assert checkpoints and all(name.isdigit() or name.startswith("final_") for name in checkpoints), checkpoints
     recorded = json.loads((tmp_path / "run" / "sae" / "runner_cfg.json").read_text())["checkpoint_path"]
     assert recorded == str(runs[0])
+
+
+def test_float16_training_is_refused_before_any_work(tmp_path: Path) -> None:
+    """Adam's eps (1e-8) is 0 in float16: SAELens's step would write NaN weights and exit 0. One line, nothing written."""
+    with pytest.raises(SystemExit, match=r"dtype='float16'.*bfloat16"):
+        main(
+            [
+                "train",
+                *TINY_TRAIN,
+                "--set",
+                "sae.dtype=float16",
+                "--output-dir",
+                str(tmp_path / "run"),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ]
+        )
+    assert list(tmp_path.iterdir()) == []

@@ -391,3 +391,26 @@ def test_a_partial_load_without_b_dec_keeps_the_mean_initialisation_pending() ->
     with torch.no_grad():
         sae.training_forward_pass(TrainStepInput(batch, {}, None, n_training_steps=0, is_logging_step=False))
     torch.testing.assert_close(sae.b_dec, batch.mean(dim=0))
+
+
+# --- a saved SAE is always finite ------------------------------------------------------------------------------
+
+
+def test_a_non_finite_update_stops_training_and_nothing_is_saved(tmp_path: Path) -> None:
+    """An update that makes a weight non-finite is caught at the next step (named: step, parameter, likely cause);
+    after the last step, the save refuses it; no output directory is written."""
+    from sae_lens.saes.sae import TrainStepInput
+
+    from sae_lens_hierarchical import HierarchicalTopKTrainingSAE, HierarchicalTopKTrainingSAEConfig
+
+    torch.manual_seed(0)
+    sae = HierarchicalTopKTrainingSAE(HierarchicalTopKTrainingSAEConfig(d_in=8, d_sae=32, k=4))
+    x = torch.randn(16, 8)
+    sae.training_forward_pass(TrainStepInput(x, {}, None, 0, False))
+    with torch.no_grad():
+        sae.W_dec[3, 1] = float("nan")  # what a bad optimizer step leaves
+    with pytest.raises(ValueError, match=r"non-finite weights.*W_dec.*after the update of training step 6"):
+        sae.training_forward_pass(TrainStepInput(x, {}, None, 7, False))
+    with pytest.raises(ValueError, match=r"non-finite weights.*W_dec.*not saved"):
+        sae.save_inference_model(tmp_path / "sae")
+    assert not (tmp_path / "sae").exists() or not any((tmp_path / "sae").iterdir())

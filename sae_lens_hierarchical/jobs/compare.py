@@ -41,6 +41,7 @@ from sae_lens_hierarchical.hierarchical_topk_sae import (
     ARCHITECTURE,
     HierarchicalTopKTrainingSAE,
     HierarchicalTopKTrainingSAEConfig,
+    check_weights_finite,
 )
 from sae_lens_hierarchical.jobs.common import (
     EmbeddedActivations,
@@ -428,6 +429,8 @@ def train_suite(
         )
 
     def mark_complete(checkpoint_path: Path | None) -> None:
+        for name, sae in saes.items():  # a checkpoint of non-finite weights is never marked complete
+            check_weights_finite(sae, f"({name}) at checkpoint {checkpoint_path}: not resumable")
         if checkpoint_path is not None and parallel.is_main:
             state = {"n_training_steps": trainer.n_training_steps + 1, "settings": settings}
             write_json_atomically(checkpoint_path / CHECKPOINT_MARKER, state)
@@ -453,6 +456,8 @@ def train_suite(
     trainer.fit()
     if output_dir is None:
         return sae_dirs
+    for name, sae in saes.items():  # every member, SAELens's own classes too, before anything is written
+        check_weights_finite(sae, f"({name}) after the last update: not saved")
     for name, sae in saes.items():
         sae_dirs[name].mkdir(parents=True)
         sae.save_inference_model(str(sae_dirs[name]))
