@@ -275,7 +275,8 @@ def test_checkpoint_path_gets_one_run_id(tmp_path: Path) -> None:
 
 
 def test_float16_training_is_refused_before_any_work(tmp_path: Path) -> None:
-    """Adam's eps (1e-8) is 0 in float16: SAELens's step would write NaN weights and exit 0. One line, nothing written."""
+    """Adam's eps (1e-8) is 0 in float16: SAELens's step would write NaN weights and exit 0. One line, nothing
+    written."""
     with pytest.raises(SystemExit, match=r"dtype='float16'.*bfloat16"):
         main(
             [

@@ -396,7 +396,7 @@ def test_a_partial_load_without_b_dec_keeps_the_mean_initialisation_pending() ->
 # --- a saved SAE is always finite ------------------------------------------------------------------------------
 
 
-def test_a_non_finite_update_stops_training_and_nothing_is_saved(tmp_path: Path) -> None:
+def test_a_non_finite_update_stops_training_and_nothing_is_saved(tmp_path: Any) -> None:
     """An update that makes a weight non-finite is caught at the next step (named: step, parameter, likely cause);
     after the last step, the save refuses it; no output directory is written."""
     from sae_lens.saes.sae import TrainStepInput
