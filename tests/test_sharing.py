@@ -499,3 +499,24 @@ def test_save_as_jumprelu_by_mean_l0_records_its_calibration(tmp_path: Path) -> 
         assert not (tmp_path / "bad").exists()
     with pytest.raises(ValueError, match="not an empty directory"):
         sharing.save_as_jumprelu(sae, path, threshold=0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_half_precision_exports_differ_only_at_near_ties(dtype: torch.dtype) -> None:
+    """The documented agreement: float32 exports keep the same latents on every token; half-precision exports differ
+    only where the k-th and (k+1)-th activations are within 4 eps of each other (folding rounds them differently)."""
+    torch.manual_seed(0)
+    sae = HierarchicalTopKTrainingSAE(HierarchicalTopKTrainingSAEConfig(d_in=64, d_sae=512, k=32))
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(512, 1) + 0.5)
+    sae = sae.to(dtype)
+    x = torch.randn(2000, 64).to(dtype)
+    for k in (4, 16):
+        with torch.no_grad():
+            differ = ((sae.encode(x, k=k) != 0) != (to_topk(sae, k).encode(x) != 0)).any(dim=-1)
+            values = sae.encode_top_k(x)[0].float()
+        gap = (values[:, k - 1] - values[:, k]) / values[:, k - 1].abs().clamp_min(1e-12)
+        if dtype == torch.float32:
+            assert not differ.any()
+        else:
+            assert differ.any() and bool((gap[differ] <= 4 * torch.finfo(dtype).eps).all())
