@@ -48,6 +48,7 @@ from sae_lens_hierarchical.jobs.hierarchicalize import load_source, run_hierarch
 from sae_lens_hierarchical.jobs.inspect import default_dashboard_dir, run_inspect_job
 from sae_lens_hierarchical.jobs.interpret import MEASURES, run_interpret_job
 from sae_lens_hierarchical.loading import load_sae
+from sae_lens_hierarchical.preemption import Preempted, stop_on_signals
 from sae_lens_hierarchical.presets import PRESETS, Preset, get_preset, preset_for_sae
 from sae_lens_hierarchical.reporting import format_mean_l0_rows
 from sae_lens_hierarchical.sharing import (
@@ -613,6 +614,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "doctor": _doctor,
     }
     try:
-        handlers[args.command](args)
+        with stop_on_signals():  # SIGTERM/SIGINT: checkpoint at the next step boundary, say how to resume
+            handlers[args.command](args)
+    except Preempted as stopped:
+        raise SystemExit(f"stopped: {stopped}") from stopped
     except (ValueError, OSError) as error:  # bad settings, missing files, no Hub: one clear line, no traceback
         raise SystemExit(f"error: {error}") from error

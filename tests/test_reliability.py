@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -289,3 +290,129 @@ def test_resuming_from_a_checkpoint_gives_the_uninterrupted_weights(tmp_path: Pa
         ours, reference = (load_file(paths[name] / "sae_weights.safetensors") for paths in (resumed, full))
         for tensor in reference:
             torch.testing.assert_close(ours[tensor], reference[tensor], rtol=0, atol=0, msg=f"{name}.{tensor}")
+
+
+# --- preemption: SIGTERM ---------------------------------------------------------------------------------------
+
+COMPARE_CLI_SLOWLY = """
+import sys, time
+from sae_lens.training.sae_trainer import SAETrainer
+from sae_lens_hierarchical.cli import main
+from sae_lens_hierarchical.data import activation_cache
+from sae_lens_hierarchical.evaluation import metrics
+
+where = sys.argv[3]
+original_step, original_hook, original_evaluate = SAETrainer.step, activation_cache.hook_activations, metrics._evaluate
+def slow_step(self, batch):
+    print("step", flush=True); time.sleep(0.03)
+    return original_step(self, batch)
+def slow_hook(*args, **kwargs):
+    print("caching", flush=True); time.sleep(0.3)
+    return original_hook(*args, **kwargs)
+def slow_evaluate(*args, **kwargs):
+    print("evaluating", flush=True); time.sleep(1.0)
+    return original_evaluate(*args, **kwargs)
+SAETrainer.step = slow_step
+if where == "caching":
+    activation_cache.hook_activations = slow_hook
+if where == "evaluation":
+    metrics._evaluate = slow_evaluate
+main(["compare", "--preset", "tiny-random", "--budgets", "4", "--baselines", "topk", "--set", "sae.d_sae=64",
+      "--set", "sae.k=8", "--training-tokens", "25600", "--eval-tokens", "1000", "--downstream-tokens", "0",
+      "--checkpoints", sys.argv[4], "--cache-dir", sys.argv[2], "--output-dir", sys.argv[1]])
+"""
+
+
+def terminate_when(process: subprocess.Popen[str], line: str, count: int = 1, timeout: float = 180) -> str:
+    """SIGTERM ``process`` once it has printed ``line`` ``count`` times; return its stderr after it exits."""
+    assert process.stdout is not None
+    seen, deadline = 0, time.monotonic() + timeout
+    while seen < count:
+        text = process.stdout.readline()
+        if not text and process.poll() is not None:
+            pytest.fail(f"process ended before the signal: {process.communicate()[1][-3000:]}")
+        seen += text.strip() == line
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"timed out waiting for {line!r}")
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=180)
+    return stderr
+
+
+@pytest.mark.parametrize(
+    ("where", "line", "count", "n_checkpoints"),
+    [
+        ("caching", "caching", 1, "0"),
+        ("training", "step", 20, "0"),
+        ("checkpoint", "step", 33, "2"),  # 3 SAEs a step: mid-run, right after the first checkpoint of 2
+        ("evaluation", "evaluating", 1, "0"),
+    ],
+)
+def test_sigterm_stops_cleanly_and_the_rerun_ends_as_the_uninterrupted_run(
+    tmp_path: Path, where: str, line: str, count: int, n_checkpoints: str
+) -> None:
+    """``compare`` gets SIGTERM while caching, mid-training, after a checkpoint write, or while evaluating: it exits
+    non-zero with one line saying how to resume, leaves no results directory, and the same command run again ends with
+    the uninterrupted run's weights and report, bitwise."""
+    cache, output = tmp_path / "cache", tmp_path / "out"
+    process = start_python(COMPARE_CLI_SLOWLY, str(output), str(cache), where, n_checkpoints)
+    stderr = terminate_when(process, line, count)
+    assert process.returncode not in (0, -signal.SIGTERM), stderr[-2000:]
+    last_line = stderr.strip().splitlines()[-1]
+    assert last_line.startswith("stopped:") and "rerun the same command" in last_line, stderr[-2000:]
+    assert not output.exists(), "a stopped job leaves no results directory"
+    if where in ("training", "checkpoint"):
+        assert list((tmp_path / ".out.checkpoints").glob(f"*/{CHECKPOINT_MARKER}")), "a checkpoint at the stop"
+    rerun = start_python(COMPARE_CLI_SLOWLY, str(output), str(cache), "none", n_checkpoints)
+    _, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr[-3000:]
+    reference = tmp_path / "reference"
+    run_comparison_job(TINY, reference, cache_root=cache, **COMPARISON)  # type: ignore[arg-type]
+    for name in ("htopk-k8", "topk-k4", "topk-k8"):
+        ours = load_file(output / "saes" / name / "sae_weights.safetensors")
+        theirs = load_file(reference / "saes" / name / "sae_weights.safetensors")
+        for tensor in theirs:
+            torch.testing.assert_close(ours[tensor], theirs[tensor], rtol=0, atol=0, msg=f"{where}: {name}.{tensor}")
+    assert not (tmp_path / ".out.checkpoints").exists()
+
+
+TRAIN_CLI_SLOWLY = """
+import sys, time
+from sae_lens.training.sae_trainer import SAETrainer
+from sae_lens_hierarchical.cli import main
+
+original_step = SAETrainer.step
+def slow_step(self, batch):
+    print("step", flush=True); time.sleep(0.03)
+    return original_step(self, batch)
+SAETrainer.step = slow_step
+main(["train", "--preset", "tiny-random", "--set", "sae.d_sae=64", "--set", "sae.k=8", "--training-tokens", "25600",
+      "--eval-tokens", "1000", "--downstream-tokens", "0", "--wandb", "disabled", "--cache-dir", sys.argv[2],
+      "--output-dir", sys.argv[1]])
+"""
+
+
+def test_sigterm_during_train_checkpoints_and_the_rerun_resumes(tmp_path: Path) -> None:
+    """``train`` (SAELens's runner) gets SIGTERM mid-training: a checkpoint at the step boundary, one line, no results
+    directory; the rerun resumes from it (SAELens's resume: weights, optimizer and schedule, trainer state, the
+    activation store fast-forwarded) and finishes. Not bitwise: SAELens's store keeps no mixing-buffer state, so the
+    batches after the resume are drawn differently (compare's own trainer resumes bitwise)."""
+    cache, output = tmp_path / "cache", tmp_path / "out"
+    process = start_python(TRAIN_CLI_SLOWLY, str(output), str(cache))
+    stderr = terminate_when(process, "step", 40)
+    assert process.returncode not in (0, -signal.SIGTERM), stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith("stopped:") and "rerun the same command" in stderr
+    assert not output.exists()
+    markers = list((tmp_path / ".out.checkpoints").glob(f"*/{CHECKPOINT_MARKER}"))
+    assert len(markers) == 1
+    steps_done = json.loads(markers[0].read_text())["n_training_steps"]
+    assert 40 <= steps_done < 100
+    rerun = start_python(TRAIN_CLI_SLOWLY, str(output), str(cache))
+    stdout, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr[-3000:]
+    assert f"Resuming from {markers[0].parent}" in stdout
+    assert stdout.count("step") < 100 + 5 - steps_done + 1, "the rerun continued, it did not start over"
+    sae = load_sae(output / "sae")
+    assert all(bool(torch.isfinite(parameter).all()) for parameter in sae.parameters())
+    assert not (tmp_path / ".out.checkpoints").exists()

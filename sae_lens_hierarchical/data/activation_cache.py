@@ -33,6 +33,7 @@ from sae_lens_hierarchical._files import (
     save_dataset_atomically,
     write_json_atomically,
 )
+from sae_lens_hierarchical.preemption import Preempted, current_request
 
 # Activation caches and converted model checkpoints live here (override with SAE_LENS_HIERARCHICAL_CACHE).
 DEFAULT_CACHE_ROOT = Path(os.environ.get("SAE_LENS_HIERARCHICAL_CACHE", "~/.cache/sae_lens_hierarchical")).expanduser()
@@ -186,7 +187,14 @@ def cache_activations(
         todo = [i for i, path in enumerate(shard_paths) if not path.is_dir()]
         bar = tqdm(total=key.n_tokens, desc="Caching activations", unit="tok", disable=not progress)
         bar.update((len(starts) - len(todo)) * shard_sequences * key.context_size)
+        request = current_request()
+        done = len(starts) - len(todo)
         for index in todo:
+            if request.requested:  # each rank fills its own shards: no collective here, every rank got the signal
+                raise Preempted(
+                    f"caching stopped by {request.signal_name} after {done} of {len(starts)} shards, which are kept: "
+                    "rerun the same command to go on from them"
+                )
             stop = min(starts[index] + shard_sequences, key.n_sequences)
             tokens = torch.tensor(token_sequences[starts[index] : stop]["input_ids"])
             if tokens.shape[1] != key.context_size:
@@ -197,6 +205,7 @@ def cache_activations(
                 features=features,
             )
             save_dataset_atomically(shard, shard_paths[index])
+            done += 1
         bar.close()
         combined = concatenate_datasets([load_from_disk(str(path)) for path in shard_paths])
         activations_dir = directory / ACTIVATIONS_DIRNAME

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from sae_lens_hierarchical.jobs.checkpoints import CHECKPOINT_MARKER, latest_checkpoint
 from sae_lens_hierarchical.jobs.common import (
     EmbeddedActivations,
     apply_overrides,
@@ -11,11 +12,9 @@ from sae_lens_hierarchical.jobs.common import (
 )
 from sae_lens_hierarchical.jobs.compare import (
     BASELINES,
-    CHECKPOINT_MARKER,
     ComparisonJobResult,
     SuiteMember,
     baseline_suite,
-    latest_checkpoint,
     run_comparison_job,
     shuffled_batches,
     train_suite,

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from sae_lens_hierarchical._files import scratch_beside, write_json_atomically
+from sae_lens_hierarchical._files import scratch_beside
 from sae_lens_hierarchical.baselines import baseline_config, initialise_b_dec_with_mean, matryoshka_widths
 from sae_lens_hierarchical.conversion import SOURCE_FIELDS, SOURCE_METADATA_KEY, check_convertible, from_sae
 from sae_lens_hierarchical.data.activation_cache import DEFAULT_CACHE_ROOT
@@ -42,6 +42,14 @@ from sae_lens_hierarchical.hierarchical_topk_sae import (
     HierarchicalTopKTrainingSAE,
     HierarchicalTopKTrainingSAEConfig,
     check_weights_finite,
+)
+from sae_lens_hierarchical.jobs.checkpoints import (
+    CHECKPOINT_MARKER,
+    json_safe,
+    latest_checkpoint,
+    mark_complete,
+    stop_at_step_boundaries,
+    stop_between_evaluations,
 )
 from sae_lens_hierarchical.jobs.common import (
     EmbeddedActivations,
@@ -276,6 +284,7 @@ def run_comparison_job(
         mean_l0_results: dict[str, list[BudgetMetrics]] = {}
         if activations is not None:
             for member in members:
+                stop_between_evaluations("its last checkpoint" if n_checkpoints else "the start (no --checkpoints)")
                 saved = load_sae(sae_dirs[member.name], device=device)
                 results[member.name], mean_l0_results[member.name] = evaluate_member(
                     member, saved, activations, model, downstream_tokens, progress
@@ -403,16 +412,17 @@ def train_suite(
             setattr(sae.cfg.metadata, name, getattr(cfg, name))
     # Each rank's device differs under torchrun (cuda:<local rank>); nothing else may differ between checkpoints.
     runner_settings = {k: v for k, v in cfg.to_dict().items() if k not in ("device", "llm_device", "act_store_device")}
-    settings = {"members": [asdict(m) for m in members], "seed": seed, "runner": _json_safe(runner_settings)}
+    settings = {"members": [asdict(m) for m in members], "seed": seed, "runner": json_safe(runner_settings)}
     if parallel.active:
         settings["data_parallel_processes"] = parallel.world_size
     trainer_cfg = replace(
         rank_cfg.to_sae_trainer_config(),
         n_checkpoints=n_checkpoints,
-        checkpoint_path=str(checkpoint_dir) if n_checkpoints else None,
+        checkpoint_path=None if checkpoint_dir is None else str(checkpoint_dir),  # also where a preempted run stops
+        save_final_checkpoint=False,
         logger=LoggingConfig(log_to_wandb=False),
     )
-    resume_from = latest_checkpoint(checkpoint_dir, settings) if n_checkpoints and checkpoint_dir else None
+    resume_from = latest_checkpoint(checkpoint_dir, settings) if checkpoint_dir else None
     # The scaling-factor or whitening estimate reads the first batches; a resumed run restores the statistics instead.
     needs_estimate = any(sae.cfg.normalize_activations in _ESTIMATED_NORMALIZATIONS for sae in saes.values())
     skipped = 0
@@ -428,12 +438,11 @@ def train_suite(
             cfg,
         )
 
-    def mark_complete(checkpoint_path: Path | None) -> None:
+    def mark_checkpoint(checkpoint_path: Path | None) -> None:
         for name, sae in saes.items():  # a checkpoint of non-finite weights is never marked complete
             check_weights_finite(sae, f"({name}) at checkpoint {checkpoint_path}: not resumable")
         if checkpoint_path is not None and parallel.is_main:
-            state = {"n_training_steps": trainer.n_training_steps + 1, "settings": settings}
-            write_json_atomically(checkpoint_path / CHECKPOINT_MARKER, state)
+            mark_complete(checkpoint_path, trainer.n_training_steps + 1, settings)
 
     with data_parallel_trainers():
         trainer = MultiSAETrainer(
@@ -441,7 +450,7 @@ def train_suite(
             saes=saes,
             hook_names=dict.fromkeys(saes, cfg.hook_name),
             data_provider=batches,
-            save_checkpoint_fn=mark_complete,
+            save_checkpoint_fn=mark_checkpoint,
         )
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)
@@ -453,6 +462,8 @@ def train_suite(
         if parallel.is_main:
             total = trainer_cfg.total_training_steps
             tqdm.write(f"Resuming from {resume_from} (step {state['n_training_steps']} of {total})")
+    if checkpoint_dir is not None:
+        stop_at_step_boundaries(trainer, checkpoint_dir, parallel)
     trainer.fit()
     if output_dir is None:
         return sae_dirs
@@ -522,7 +533,6 @@ def _into_estimated_units(saes: list[Any], batches: Iterator[dict[str, torch.Ten
         sae.cfg.normalize_activations = "expected_average_only_in"
 
 
-CHECKPOINT_MARKER = "checkpoint_complete.json"
 # Normalisations whose statistics SAELens's trainer estimates from the first n_batches_for_norm_estimate batches.
 _ESTIMATED_NORMALIZATIONS = ("expected_average_only_in", "covariance_whitening")
 # Runner fields that SAELens's runners copy into each SAE's metadata when they run (in their private
@@ -535,30 +545,6 @@ RUNNER_ONLY_METADATA = (
     "sequence_separator_token",
     "disable_concat_sequences",
 )
-
-
-def latest_checkpoint(checkpoint_dir: Path, settings: dict[str, Any]) -> Path | None:
-    """The newest checkpoint under ``checkpoint_dir`` whose completion marker exists, or None.
-
-    A checkpoint interrupted while being written has no marker and is ignored. A complete one written with
-    different settings is refused, naming the directory, rather than silently mixed into this run.
-    """
-    if not checkpoint_dir.is_dir():
-        return None
-    complete = [path.parent for path in checkpoint_dir.glob(f"*/{CHECKPOINT_MARKER}")]
-    if not complete:
-        return None
-    newest = max(complete, key=lambda path: json.loads((path / CHECKPOINT_MARKER).read_text())["n_training_steps"])
-    if json.loads((newest / CHECKPOINT_MARKER).read_text())["settings"] != settings:
-        raise ValueError(
-            f"checkpoint {newest} was written with different settings; delete {checkpoint_dir} to start afresh"
-        )
-    return newest
-
-
-def _json_safe(value: Any) -> Any:
-    """``value`` as it reads back from JSON (tuples become lists), so settings compare equal after a round trip."""
-    return json.loads(json.dumps(value, default=str))
 
 
 _SHARED_RUNNER_FIELDS = (

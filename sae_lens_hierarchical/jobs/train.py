@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,12 @@ from sae_lens_hierarchical.data.activation_cache import DEFAULT_CACHE_ROOT
 from sae_lens_hierarchical.distributed import SINGLE_PROCESS, DataParallel, data_parallel_trainers
 from sae_lens_hierarchical.evaluation import BudgetMetrics, serving_mean_l0s
 from sae_lens_hierarchical.hierarchical_topk_sae import HierarchicalTopKSAE
+from sae_lens_hierarchical.jobs.checkpoints import (
+    json_safe,
+    latest_checkpoint,
+    mark_complete,
+    stop_at_step_boundaries,
+)
 from sae_lens_hierarchical.jobs.common import (
     EmbeddedActivations,
     apply_overrides,
@@ -103,7 +110,16 @@ def run_training_job(
         dataset = parallel.shard(dataset if dataset is not None else streamed_dataset(cfg))
     job = {"preset": preset.name, "overrides": overrides or {}, "training_tokens": training_tokens}
     job |= {"eval_tokens": eval_tokens, "downstream_tokens": downstream_tokens, "seed": seed}
-    start = {"initial_sae": initial_sae, "scaling_factor": scaling_factor}
+    # A preempted run leaves a checkpoint here; the same job run again resumes from it (SAELens's resume).
+    checkpoint_dir = output_dir.parent / f".{output_dir.name}.checkpoints"
+    settings = json_safe({name: value for name, value in cfg.to_dict().items() if name not in _PER_RUN_FIELDS})
+    start = {"initial_sae": initial_sae, "scaling_factor": scaling_factor, "checkpoint_dir": checkpoint_dir}
+    resume_from = latest_checkpoint(checkpoint_dir, settings) if not parallel.active else None
+    if resume_from is not None:
+        rank_cfg = replace_runner_config(rank_cfg, resume_from_checkpoint=str(resume_from))
+        if progress:
+            print(f"Resuming from {resume_from}")
+    start["settings"] = settings
     if not parallel.is_main:  # the other ranks train their share; rank 0 writes, evaluates and reports
         _run_sae_lens_runner(
             rank_cfg, model, activations, dataset, device, None, "disabled", preset.name, seed, **start
@@ -125,7 +141,19 @@ def run_training_job(
         if parallel.active:
             job["data_parallel_processes"] = parallel.world_size
         seconds = finish_job(scratch, output_dir, job, started)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return TrainingJobResult(output_dir, output_dir / SAE_DIRNAME, results, seconds)
+
+
+# Runner fields that differ between a run and its resumption without changing what it trains.
+_PER_RUN_FIELDS = (
+    "device",
+    "llm_device",
+    "act_store_device",
+    "output_path",
+    "checkpoint_path",
+    "resume_from_checkpoint",
+)
 
 
 def _run_sae_lens_runner(
@@ -140,10 +168,13 @@ def _run_sae_lens_runner(
     seed: int,
     initial_sae: TrainingSAE[Any] | None = None,
     scaling_factor: float | None = None,
+    checkpoint_dir: Path | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> None:
     """SAELens's runner on this rank's activations (the cache, else ``dataset``, else the config's corpus); the SAE
     (``initial_sae``, else a fresh one) is saved to ``output_path`` unless it is None. Under torchrun it builds the
-    data-parallel trainer."""
+    data-parallel trainer. On SIGTERM/SIGINT it checkpoints into ``checkpoint_dir`` (marked with ``settings``) after
+    the step it is in, and stops."""
     run_changes: dict[str, Any] = {"output_path": None if output_path is None else str(output_path), "device": device}
     if activations is not None and activations.train is not None:
         cached_path = str(activations.train.activations_path)
@@ -163,6 +194,7 @@ def _run_sae_lens_runner(
         override_sae=initial_sae,
     )
     runner.scaling_factor = scaling_factor
+    runner.stop_checkpoints = None if checkpoint_dir is None else (checkpoint_dir, settings or {})
     with data_parallel_trainers():
         runner.run()
 
@@ -172,11 +204,22 @@ class FixedScalingRunner(LanguageModelSAETrainingRunner):  # type: ignore[type-a
     an SAE converted from a pretrained one was put in the units of that factor before training."""
 
     scaling_factor: float | None = None
+    stop_checkpoints: tuple[Path, dict[str, Any]] | None = None
+    """Where a preempted run checkpoints, and the settings its marker records."""
 
     def run_trainer_with_interruption_handling(self, trainer: Any) -> Any:
+        """``trainer.fit()``; SAELens's own handlers (which stop mid-step) give way to a checkpoint at the next step
+        boundary (:func:`~sae_lens_hierarchical.jobs.checkpoints.stop_at_step_boundaries`)."""
         if self.scaling_factor is not None:
             trainer.activation_scaler.scaling_factor = self.scaling_factor
-        return super().run_trainer_with_interruption_handling(trainer)
+        if self.stop_checkpoints is not None:
+            checkpoint_dir, settings = self.stop_checkpoints
+
+            def marked(path: Path) -> None:
+                mark_complete(path, trainer.n_training_steps + 1, settings)
+
+            stop_at_step_boundaries(trainer, checkpoint_dir, on_saved=marked)
+        return trainer.fit()
 
 
 def streamed_dataset(cfg: LanguageModelSAERunnerConfig[Any]) -> IterableDataset | Dataset:
