@@ -246,3 +246,44 @@ def test_each_share_is_cached_under_its_own_rows(tmp_path: Path):
         assert torch.equal(cached, torch.tensor(sequences.select(rows)["input_ids"]))
         directories.append(activations.train.directory)
     assert directories[0] != directories[1]
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_and_the_rerun_resumes(tmp_path: Path):
+    """SIGTERM to rank 1 alone (mid-training, after the first checkpoint): every rank agrees at the next step boundary,
+    rank 0 writes one checkpoint there, the job exits non-zero with the resume line and no results; the same command
+    then resumes and ends with the weights of an uninterrupted two-rank run."""
+    cache = tmp_path / "cache"
+    uninterrupted = tmp_path / "uninterrupted"
+    _run(_compare_command(uninterrupted, cache))
+
+    output = tmp_path / "run"
+    checkpoints = tmp_path / ".run.checkpoints"
+    job = subprocess.Popen(
+        _compare_command(output, cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=_environment(), cwd=REPO,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 600
+        while not list(checkpoints.glob("*/checkpoint_complete.json")):
+            assert job.poll() is None, "the job ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 600 s"
+            time.sleep(0.05)
+        _rank_process(job.pid, rank=1).send_signal(signal.SIGTERM)
+        log, _ = job.communicate(timeout=FAULT_DEADLINE_S)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode != 0
+    assert "stopped: stopped by another rank after training step" in log or "stopped by SIGTERM" in log, log[-3000:]
+    assert "rerun the same command to resume" in log
+    assert not output.exists()
+    markers = sorted(
+        json.loads(p.read_text())["n_training_steps"] for p in checkpoints.glob("*/checkpoint_complete.json")
+    )
+    assert len(markers) == 2, markers  # the first periodic checkpoint, and the one at the stop
+
+    resumed = _run(_compare_command(output, cache))
+    reference, weights = _weights(uninterrupted), _weights(output)
+    for name, value in reference.items():
+        torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert f"step {markers[-1]} of" in resumed.stdout + resumed.stderr
