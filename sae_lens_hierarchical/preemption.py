@@ -49,6 +49,14 @@ def current_request() -> StopRequest:
     return _CURRENT if _CURRENT is not None else StopRequest()
 
 
+def stop_if_requested(resume_hint: str) -> None:
+    """At a point where stopping loses nothing that a rerun cannot redo: stop if a signal came (``resume_hint`` says
+    what is kept and how to go on)."""
+    request = current_request()
+    if request.requested:
+        raise Preempted(f"stopped by {request.signal_name}: {resume_hint}")
+
+
 @contextmanager
 def stop_on_signals() -> Iterator[StopRequest]:
     """Inside the block, the first SIGTERM/SIGINT sets the request; the previous handlers come back afterwards (and

@@ -416,3 +416,17 @@ def test_sigterm_during_train_checkpoints_and_the_rerun_resumes(tmp_path: Path) 
     sae = load_sae(output / "sae")
     assert all(bool(torch.isfinite(parameter).all()) for parameter in sae.parameters())
     assert not (tmp_path / ".out.checkpoints").exists()
+
+
+def test_a_stop_request_ends_a_job_at_its_next_safe_point() -> None:
+    """Inside ``stop_on_signals`` a SIGTERM is only a request: the job goes on until it asks, then stops with the
+    resume line; the previous handler comes back afterwards."""
+    from sae_lens_hierarchical.preemption import Preempted, current_request, stop_if_requested, stop_on_signals
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted, match="stopped by SIGTERM: rerun to go on"), stop_on_signals() as request:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert request.requested and current_request() is request  # the process is still here
+        stop_if_requested("rerun to go on")
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert not current_request().requested

@@ -16,7 +16,7 @@ from typing import Any
 
 from sae_lens_hierarchical._files import write_json_atomically
 from sae_lens_hierarchical.distributed import SINGLE_PROCESS, DataParallel
-from sae_lens_hierarchical.preemption import Preempted, current_request
+from sae_lens_hierarchical.preemption import Preempted, current_request, stop_if_requested
 
 CHECKPOINT_MARKER = "checkpoint_complete.json"
 
@@ -86,9 +86,6 @@ def stop_at_step_boundaries(
 def stop_between_evaluations(resumes_from: str) -> None:
     """Between two evaluations, honour a SIGTERM/SIGINT that came after training: nothing is written, and a rerun
     trains again from ``resumes_from`` (its last checkpoint, or the start) before evaluating."""
-    request = current_request()
-    if request.requested:
-        raise Preempted(
-            f"stopped by {request.signal_name} while evaluating, after training: rerun the same command to train "
-            f"again from {resumes_from} and evaluate"
-        )
+    stop_if_requested(
+        f"while evaluating, after training: rerun the same command to train again from {resumes_from} and evaluate"
+    )

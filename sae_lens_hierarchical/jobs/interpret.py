@@ -40,6 +40,7 @@ from sae_lens_hierarchical.interpretability import (
 from sae_lens_hierarchical.interpretability.probing import DEFAULT_NS
 from sae_lens_hierarchical.jobs.common import check_output_dir, finish_job
 from sae_lens_hierarchical.loading import load_sae
+from sae_lens_hierarchical.preemption import stop_if_requested
 from sae_lens_hierarchical.presets import get_preset
 from sae_lens_hierarchical.reporting import family_label
 
@@ -142,6 +143,7 @@ def run_interpret_job(
     scores: dict[str, dict[str, dict[str, Any]]] = {}
     for _, saes in suites:
         for member in saes:
+            stop_if_requested("the documents' activations and probes are cached: rerun the same command to score")
             sae = load_sae(member.path, device=device)
             entry: dict[str, Any] = {}
             if ceiling is not None:
