@@ -430,3 +430,30 @@ def test_a_stop_request_ends_a_job_at_its_next_safe_point() -> None:
         stop_if_requested("rerun to go on")
     assert signal.getsignal(signal.SIGTERM) is before
     assert not current_request().requested
+
+
+def test_a_full_disk_during_a_save_leaves_the_previous_sae(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC while the weights are written: the OS error reaches the caller, no partial or staging file is left, and
+    the SAE saved before still loads with its own weights."""
+    import errno
+
+    from sae_lens.saes import sae as sae_module
+
+    torch.manual_seed(0)
+    sae = HierarchicalTopKTrainingSAE(HierarchicalTopKTrainingSAEConfig(d_in=8, d_sae=32, k=4))
+    sae.save_inference_model(tmp_path / "sae")
+    before = {path.name: path.read_bytes() for path in (tmp_path / "sae").iterdir()}
+    real_save_file = sae_module.save_file
+
+    def disk_full(tensors: dict, filename: str, *args: object, **kwargs: object) -> None:
+        Path(filename).write_bytes(b"partial")  # what a full disk leaves behind
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sae_module, "save_file", disk_full)
+    with torch.no_grad():
+        sae.W_dec.mul_(2.0)
+    with pytest.raises(OSError, match="No space left"):
+        sae.save_inference_model(tmp_path / "sae")
+    monkeypatch.setattr(sae_module, "save_file", real_save_file)
+    assert {path.name: path.read_bytes() for path in (tmp_path / "sae").iterdir()} == before
+    assert isinstance(load_sae(tmp_path / "sae"), HierarchicalTopKSAE)
