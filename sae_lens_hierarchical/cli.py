@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,17 +37,23 @@ from sae_lens_hierarchical.hierarchical_topk_sae import HierarchicalTopKSAE
 from sae_lens_hierarchical.interpretability.probing import DEFAULT_NS
 from sae_lens_hierarchical.jobs import (
     BASELINES,
-    apply_overrides,
     prepare_embedded_activations,
     run_comparison_job,
     run_training_job,
     write_report,
 )
-from sae_lens_hierarchical.jobs.common import EmbeddedActivations
+from sae_lens_hierarchical.jobs.common import EmbeddedActivations, check_output_dir
 from sae_lens_hierarchical.jobs.doctor import format_doctor_report, run_doctor_job
 from sae_lens_hierarchical.jobs.hierarchicalize import load_source, run_hierarchicalize_job
 from sae_lens_hierarchical.jobs.inspect import default_dashboard_dir, run_inspect_job
 from sae_lens_hierarchical.jobs.interpret import MEASURES, run_interpret_job
+from sae_lens_hierarchical.jobs.overrides import (
+    ResolvedJob,
+    check_runner_config,
+    job_from_runner_config,
+    resolve_job,
+)
+from sae_lens_hierarchical.jobs.overrides import apply_overrides as apply_config_overrides
 from sae_lens_hierarchical.loading import load_sae
 from sae_lens_hierarchical.preemption import Preempted, stop_on_signals
 from sae_lens_hierarchical.presets import PRESETS, Preset, get_preset, preset_for_sae
@@ -151,6 +158,14 @@ def _override(text: str) -> tuple[str, Any]:
         return name, raw
 
 
+def _add_hook_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--hook",
+        help="the hook to train at, e.g. blocks.3.hook_resid_post, blocks.3.hook_mlp_out, blocks.3.attn.hook_z",
+    )
+    parser.add_argument("--layer", type=int, help="the preset's kind of hook at this layer (blocks.<layer>.<hook>)")
+
+
 def _add_held_out_options(parser: argparse.ArgumentParser, purpose: str) -> None:
     """Where held-out activations for ``purpose`` come from: an embedded preset's held-out text."""
     parser.add_argument(
@@ -177,8 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-tokens", type=_positive_int, help="held-out tokens (default: the preset's)")
     train.add_argument("--downstream-tokens", type=_non_negative_int, help=DOWNSTREAM_HELP)
     train.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_ROOT, help="activation caches")
-    train.add_argument("--device", default="cpu")
-    train.add_argument("--seed", type=int, default=0)
+    _add_hook_options(train)
+    train.add_argument("--device", help="cpu (default), cuda, cuda:1, ...")
+    train.add_argument("--seed", type=int, help="SAE initialisation and data order (default 0)")
     train.add_argument(
         "--wandb",
         choices=["offline", "online", "disabled"],
@@ -192,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--training-tokens", type=_positive_int)
     cache.add_argument("--eval-tokens", type=_positive_int)
     cache.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_ROOT)
-    cache.add_argument("--device", default="cpu")
+    _add_hook_options(cache)
+    cache.add_argument("--device", help="cpu (default), cuda, ...")
 
     evaluate = commands.add_parser(
         "evaluate", help="per-k table of a saved SAE (any TopK-family SAE: truncated) on its preset's held-out text"
@@ -232,8 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--eval-tokens", type=_positive_int, help="held-out tokens (default: the preset's)")
     compare.add_argument("--downstream-tokens", type=_non_negative_int, help=DOWNSTREAM_HELP)
     compare.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_ROOT)
-    compare.add_argument("--device", default="cpu")
-    compare.add_argument("--seed", type=int, default=0)
+    _add_hook_options(compare)
+    compare.add_argument("--device", help="cpu (default), cuda, ...")
+    compare.add_argument("--seed", type=int, help="initialisation and data order of every SAE (default 0)")
     compare.add_argument(
         "--checkpoints",
         type=_non_negative_int,
@@ -356,60 +374,119 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _job_settings(args: argparse.Namespace) -> dict[str, Any]:
+def _resolved(args: argparse.Namespace, preset: Preset | None = None) -> ResolvedJob:
+    """The job's preset, overrides, tokens, seed and device from the flags and ``--set``, every value checked."""
+    return resolve_job(
+        preset or get_preset(args.preset),
+        dict(args.overrides) if hasattr(args, "overrides") else {},
+        training_tokens=args.training_tokens,
+        seed=getattr(args, "seed", None),
+        device=args.device,
+        hook=args.hook,
+        layer=args.layer,
+    )
+
+
+def _results_dir(args: argparse.Namespace, job: ResolvedJob, suffix: str = "") -> Path:
+    """``--output-dir``, else ``results/<preset>[-<hook>]<suffix>`` (the hook named when it is not the preset's)."""
+    if args.output_dir is not None:
+        return args.output_dir
+    default_hook = get_preset(job.preset.name).hook_name
+    hook = "" if job.preset.hook_name == default_hook else f"-{job.preset.hook_name}"
+    context = (
+        "" if job.preset.context_size == get_preset(job.preset.name).context_size else f"-ctx{job.preset.context_size}"
+    )
+    return Path("results") / f"{job.preset.name}{hook}{context}{suffix}"
+
+
+def _job_settings(args: argparse.Namespace, job: ResolvedJob) -> dict[str, Any]:
     """The options ``train`` and ``compare`` share, as keyword arguments of their jobs."""
     return {
-        "training_tokens": args.training_tokens,
+        "training_tokens": job.training_tokens,
         "eval_tokens": args.eval_tokens,
         "downstream_tokens": args.downstream_tokens,
         "cache_root": args.cache_dir,
-        "device": args.device,
-        "seed": args.seed,
+        "device": job.device,
+        "seed": job.seed,
         "overwrite": args.overwrite,
     }
 
 
 def _train(args: argparse.Namespace) -> None:
-    overrides = dict(args.overrides)
     if args.config is not None:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ValueError(
-                "data-parallel training (torchrun with several processes) runs presets (--preset), which shard the "
-                "corpus across ranks; --config runs SAELens's runner in one process"
-            )
-        cfg = LanguageModelSAERunnerConfig.from_dict(json.loads(args.config.read_text()))
-        if args.output_dir is not None:
-            overrides["output_path"] = str(args.output_dir)
-        LanguageModelSAETrainingRunner(apply_overrides(cfg, overrides)).run()
-        print(f"SAE saved to {overrides.get('output_path', cfg.output_path)}")
-        return
-    preset = get_preset(args.preset)
-    output_dir = args.output_dir or Path("results") / preset.name
-    with joined_process_group(args.device) as parallel:
+        job = _job_from_config(args)
+        if job is None:
+            return
+    else:
+        job = _resolved(args)
+    output_dir = _results_dir(args, job)
+    check_output_dir(output_dir, args.overwrite)
+    with joined_process_group(job.device) as parallel:
         result = run_training_job(
-            preset,
+            job.preset,
             output_dir,
-            overrides=overrides,
+            overrides=job.overrides,
             wandb=args.wandb,
             parallel=parallel,
-            **_job_settings(args),
+            **_job_settings(args, job),
         )
     if not parallel.is_main:
         return
     if result.results:
-        print(f"\nHeld-out reconstruction at every budget k ({preset.name}, special tokens excluded):\n")
+        print(f"\nHeld-out reconstruction at every budget k ({job.preset.name}, special tokens excluded):\n")
         print(format_markdown_table(result.results))
+    for run in sorted((result.output_dir / "wandb").glob("offline-run-*")):
+        print(f"wandb: the offline run is {run}; upload it with `wandb sync {run}`")
     print(f"\nSAE saved to {result.sae_dir}; report in {result.output_dir}. Took {result.seconds / 60:.1f} min.")
 
 
+def _job_from_config(args: argparse.Namespace) -> ResolvedJob | None:
+    """``train --config FILE``: an embedded preset's config (this package's runner_cfg.json too) as a preset job with
+    the file's settings, flags on top; any other SAELens config runs SAELens's runner as it is (None: done)."""
+    config = json.loads(args.config.read_text())
+    found = job_from_runner_config(config, PRESETS)
+    if found is not None:
+        preset, overrides, tokens, seed = found
+        overrides |= dict(args.overrides)  # --set on top of the file
+        return resolve_job(
+            preset,
+            overrides,
+            training_tokens=args.training_tokens or tokens,
+            seed=seed if args.seed is None else args.seed,
+            device=args.device,
+            hook=args.hook,
+            layer=args.layer,
+        )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(
+            "data-parallel training (torchrun with several processes) runs presets (--preset), which shard the "
+            "corpus across ranks; this --config names no embedded preset, so SAELens's runner runs it in one process"
+        )
+    given = [flag for flag, value in (("--hook", args.hook), ("--layer", args.layer)) if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: with a --config of no embedded preset, set hook_name in the file")
+    cfg = LanguageModelSAERunnerConfig.from_dict(config)
+    flags = {"training_tokens": args.training_tokens, "seed": args.seed, "device": args.device}
+    overrides = {name: value for name, value in flags.items() if value is not None} | dict(args.overrides)
+    if args.output_dir is not None:
+        overrides["output_path"] = str(args.output_dir)
+    cfg = check_runner_config(apply_config_overrides(cfg, overrides))
+    LanguageModelSAETrainingRunner(cfg).run()
+    print(
+        f"SAE saved to {cfg.output_path}. No per-k report: that needs an embedded preset's held-out text "
+        f"(presets {sorted(name for name, preset in PRESETS.items() if preset.embedded)})"
+    )
+    return None
+
+
 def _cache(args: argparse.Namespace) -> None:
-    preset = get_preset(args.preset)
-    model = preset.load_model(args.device)
+    job = _resolved(args)
+    model = job.preset.load_model(job.device)
     activations = prepare_embedded_activations(
-        preset,
+        job.preset,
         model,
-        eval_tokens=args.eval_tokens or preset.eval_tokens,
-        training_tokens=args.training_tokens or preset.training_tokens,
+        eval_tokens=args.eval_tokens or job.preset.eval_tokens,
+        training_tokens=job.training_tokens or job.preset.training_tokens,
         cache_root=args.cache_dir,
     )
     for name, cache in (("training", activations.train), ("held-out", activations.held_out)):
@@ -452,20 +529,20 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    preset = get_preset(args.preset)
-    output_dir = args.output_dir or Path("results") / f"{preset.name}-comparison"
-    with joined_process_group(args.device) as parallel:
+    job = _resolved(args)
+    output_dir = _results_dir(args, job, "-comparison")
+    with joined_process_group(job.device) as parallel:
         result = run_comparison_job(
-            preset,
+            job.preset,
             output_dir,
             budgets=args.budgets,
             baselines=args.baselines,
-            overrides=dict(args.overrides),
+            overrides=job.overrides,
             n_checkpoints=args.checkpoints,
             objectives=args.objectives,
             parallel=parallel,
             init_from=args.init_from,
-            **_job_settings(args),
+            **_job_settings(args, job),
         )
     if not parallel.is_main:
         return
@@ -619,4 +696,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     except Preempted as stopped:
         raise SystemExit(f"stopped: {stopped}") from stopped
     except (ValueError, OSError) as error:  # bad settings, missing files, no Hub: one clear line, no traceback
-        raise SystemExit(f"error: {error}") from error
+        raise UsageError(f"error: {error}") from error
+
+
+class UsageError(SystemExit):
+    """A bad setting or a missing file: its one line goes to stderr and the exit code is 2, as for argparse's."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        print(message, file=sys.stderr)
+        self.code = 2

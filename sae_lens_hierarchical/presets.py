@@ -24,6 +24,7 @@ from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig
 from transformer_lens import HookedTransformer
 from transformers import PreTrainedTokenizerBase
 
+from sae_lens_hierarchical.budget import is_int
 from sae_lens_hierarchical.data.activation_cache import collect_activations
 from sae_lens_hierarchical.data.corpora import wikipedia_token_sequences
 from sae_lens_hierarchical.data.models import (
@@ -56,6 +57,45 @@ __all__ = [
     "tiny_runner_config",
     "tiny_token_dataset",
 ]
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The widths of a model's hooks, known without loading it (every hook is checked before any work)."""
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_head: int
+    d_mlp: int
+    n_ctx: int
+
+
+# Hooks of a block the jobs can train on, and the width of their activations (flattened per token).
+_HOOK_WIDTHS: dict[str, Callable[[ModelDims], int]] = {
+    "hook_resid_pre": lambda dims: dims.d_model,
+    "hook_resid_mid": lambda dims: dims.d_model,
+    "hook_resid_post": lambda dims: dims.d_model,
+    "hook_attn_out": lambda dims: dims.d_model,
+    "hook_mlp_out": lambda dims: dims.d_model,
+    "attn.hook_z": lambda dims: dims.n_heads * dims.d_head,
+    "mlp.hook_pre": lambda dims: dims.d_mlp,
+    "mlp.hook_post": lambda dims: dims.d_mlp,
+}
+
+
+def hook_width(dims: ModelDims, hook_name: object) -> int:
+    """d_in of an SAE at ``hook_name`` (``blocks.<layer>.<hook>``) of a model with ``dims``; one clear error for a
+    hook the model does not have."""
+    parts = hook_name.split(".", 2) if isinstance(hook_name, str) else []
+    allowed = f"blocks.<0..{dims.n_layers - 1}>.<{'|'.join(_HOOK_WIDTHS)}>"
+    if len(parts) != 3 or parts[0] != "blocks" or not parts[1].isdigit() or parts[2] not in _HOOK_WIDTHS:
+        raise ValueError(f"hook must be {allowed}; got {hook_name!r}")
+    if not int(parts[1]) < dims.n_layers:
+        raise ValueError(
+            f"layer {parts[1]} does not exist: the model has layers 0..{dims.n_layers - 1}; got {hook_name}"
+        )
+    return _HOOK_WIDTHS[parts[2]](dims)
 
 
 @dataclass(frozen=True)
@@ -103,6 +143,25 @@ class Preset:
     downstream_eval_tokens: int = 2048
     sae_defaults: dict[str, Any] = field(default_factory=dict)
     runner_defaults: dict[str, Any] = field(default_factory=dict)
+    dims: ModelDims | None = None
+
+    def at_hook(self, hook_name: str) -> Preset:
+        """This preset reading ``hook_name`` instead (its own activation cache; d_in from the model's widths)."""
+        if hook_name == self.hook_name:
+            return self
+        if self.dims is None:
+            raise ValueError(f"preset {self.name!r} knows no hook widths; its hook is {self.hook_name!r}")
+        return replace(self, hook_name=hook_name, d_in=hook_width(self.dims, hook_name))
+
+    def with_context(self, context_size: object) -> Preset:
+        """This preset with sequences of ``context_size`` tokens (BOS first; its own activation cache)."""
+        longest = self.dims.n_ctx if self.dims is not None else None
+        if not is_int(context_size) or context_size < 2 or (longest and context_size > longest):  # type: ignore[operator]
+            allowed = f"2..{longest}" if longest else ">= 2"
+            raise ValueError(
+                f"context_size must be an int in {allowed} (tokens per sequence, BOS first); got {context_size!r}"
+            )
+        return replace(self, context_size=context_size)
 
     def sae_config(self, **overrides: Any) -> HierarchicalTopKTrainingSAEConfig:
         """The HierarchicalTopK training config for this preset (SAELens TopK defaults otherwise)."""
@@ -203,6 +262,7 @@ PRESETS: dict[str, Preset] = {
         embedded=True,
         load_model=lambda device: tiny_random_model().to(device),
         load_token_sequences=tiny_token_sequences,
+        dims=ModelDims(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=128, n_ctx=128),
     ),
     "gemma-3-270m": Preset(
         name="gemma-3-270m",
@@ -223,6 +283,7 @@ PRESETS: dict[str, Preset] = {
         load_token_sequences=wikipedia_token_sequences,
         sae_defaults={"normalize_activations": "expected_average_only_in", "b_dec_init": "mean"},
         runner_defaults={"n_batches_for_norm_estimate": 50, "model_from_pretrained_kwargs": UNPROCESSED},
+        dims=ModelDims(n_layers=18, d_model=640, n_heads=4, d_head=256, d_mlp=2048, n_ctx=32_768),
     ),
     "gemma-2-2b": Preset(
         name="gemma-2-2b",
@@ -242,6 +303,7 @@ PRESETS: dict[str, Preset] = {
         dataset_path="HuggingFaceFW/fineweb",
         runner_defaults={"model_from_pretrained_kwargs": UNPROCESSED},
         sae_defaults={"normalize_activations": "expected_average_only_in", "b_dec_init": "mean"},
+        dims=ModelDims(n_layers=26, d_model=2304, n_heads=8, d_head=256, d_mlp=9216, n_ctx=8192),
     ),
 }
 

@@ -198,8 +198,8 @@ def test_errors_are_one_line_and_leave_nothing_behind(tmp_path: Path) -> None:
     bad = [
         (["--set", "sae.k=100", "--set", "sae.d_sae=64"], r"1..d_sae=64; got k=100"),
         (["--set", "sae.hierarchy_levels=[2,1]"], r"strictly increasing"),
-        (["--set", "sae.nonsense=1"], r"unknown SAE field 'sae.nonsense'"),
-        (["--set", "learning_rate=1"], r"unknown runner field 'learning_rate'"),
+        (["--set", "sae.nonsense=1"], r"unknown field 'sae.nonsense'"),
+        (["--set", "learning_rate=1"], r"unknown field 'learning_rate'"),
         (["--preset", "gpt-9"], r"unknown preset 'gpt-9'; choose one of"),
     ]
     for extra, message in bad:

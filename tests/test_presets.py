@@ -54,7 +54,7 @@ def test_unknown_preset_lists_the_choices() -> None:
 def test_overriding_the_batch_or_context_resizes_the_mixing_buffer_or_refuses_early() -> None:
     """SAELens's mixing buffer must hold a training batch but checks only at the first batch (after caching);
     overrides resize it with the batch and context, and an explicit size too small is one clear error now."""
-    from sae_lens_hierarchical.jobs.common import apply_overrides
+    from sae_lens_hierarchical.jobs.overrides import apply_overrides
 
     cfg = presets.get_preset("tiny-random").runner_config(None)
     for overrides in ({"train_batch_size_tokens": 4096}, {"context_size": 16, "train_batch_size_tokens": 1024}):

@@ -175,7 +175,8 @@ def cache_activations(
         remove_stale_temporaries(directory)
         remove_stale_temporaries(shards_dir)
         hook_layer(key.hook_name)  # fail before any work on a bad hook name
-        d_in = model.cfg.d_model
+        # The width of one token's activations, flattened (attn.hook_z is [n_heads, d_head] per token).
+        d_in = hook_activations(model, torch.tensor(token_sequences[:1]["input_ids"]), key.hook_name)[0, 0].numel()
         features = Features(
             {
                 key.hook_name: Array2D(shape=(key.context_size, d_in), dtype=key.dtype),
@@ -199,7 +200,7 @@ def cache_activations(
             tokens = torch.tensor(token_sequences[starts[index] : stop]["input_ids"])
             if tokens.shape[1] != key.context_size:
                 raise ValueError(f"input_ids rows must have {key.context_size} tokens; got {tokens.shape[1]}")
-            acts = hook_activations(model, tokens, key.hook_name, batch_size, bar)
+            acts = hook_activations(model, tokens, key.hook_name, batch_size, bar).flatten(start_dim=2)
             shard = Dataset.from_dict(
                 {key.hook_name: acts.to(torch.float32).numpy(), "token_ids": tokens.to(torch.int32).numpy()},
                 features=features,

@@ -6,7 +6,6 @@ from __future__ import annotations
 from sae_lens_hierarchical.jobs.checkpoints import CHECKPOINT_MARKER, latest_checkpoint
 from sae_lens_hierarchical.jobs.common import (
     EmbeddedActivations,
-    apply_overrides,
     prepare_embedded_activations,
     write_report,
 )
@@ -20,6 +19,7 @@ from sae_lens_hierarchical.jobs.compare import (
     train_suite,
     write_comparison_report,
 )
+from sae_lens_hierarchical.jobs.overrides import apply_overrides
 from sae_lens_hierarchical.jobs.train import SAE_DIRNAME, TrainingJobResult, run_training_job
 
 __all__ = [

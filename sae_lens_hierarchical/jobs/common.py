@@ -13,13 +13,13 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset
-from sae_lens import SAE, LanguageModelSAERunnerConfig
+from sae_lens import SAE
 from sae_lens.util import get_special_token_ids
 from transformer_lens import HookedTransformer
 
@@ -42,7 +42,7 @@ from sae_lens_hierarchical.evaluation import (
     format_markdown_table,
     plot_over_k,
 )
-from sae_lens_hierarchical.presets import Preset, mixing_buffer_batches, replace_runner_config
+from sae_lens_hierarchical.presets import Preset
 from sae_lens_hierarchical.reporting import format_mean_l0_rows, plot_mean_l0
 
 
@@ -168,44 +168,6 @@ def prepare_embedded_activations(
         activations.train = cached(split, train, covering=reuse_larger_cache and not parallel.active)
         activations.train_sequences = train
     return activations
-
-
-def apply_overrides(
-    cfg: LanguageModelSAERunnerConfig[Any], overrides: dict[str, Any]
-) -> LanguageModelSAERunnerConfig[Any]:
-    """Set runner fields (``lr``) and SAE fields (``sae.k``) by name; unknown names raise a clear error."""
-    runner_names = {f.name for f in fields(cfg)}
-    sae_names = {f.name for f in fields(cfg.sae)}
-    runner_changes: dict[str, Any] = {}
-    sae_changes: dict[str, Any] = {}
-    for name, value in overrides.items():
-        if name.startswith("sae."):
-            if name[4:] not in sae_names:
-                raise ValueError(f"unknown SAE field {name!r}; SAE fields are sae.<{'|'.join(sorted(sae_names))}>")
-            sae_changes[name[4:]] = value
-        elif name in runner_names and name != "sae":
-            runner_changes[name] = value
-        else:
-            raise ValueError(f"unknown runner field {name!r}; see LanguageModelSAERunnerConfig, or use sae.<field>")
-    if sae_changes:
-        runner_changes["sae"] = replace(cfg.sae, **sae_changes)
-    # SAELens's mixing buffer (n_batches_in_buffer sequences) must hold a training batch; it checks only when the
-    # first batch is drawn, after the model is loaded and activations are cached. Resize it with the batch or
-    # context, or refuse an explicit size that cannot work.
-    resized = {**runner_changes}
-    if "n_batches_in_buffer" not in runner_changes:
-        batch = runner_changes.get("train_batch_size_tokens", cfg.train_batch_size_tokens)
-        context = runner_changes.get("context_size", cfg.context_size)
-        if cfg.n_batches_in_buffer * context < batch:
-            resized["n_batches_in_buffer"] = mixing_buffer_batches(batch, context)
-    result = replace_runner_config(cfg, **resized) if resized else cfg
-    if result.n_batches_in_buffer * result.context_size < result.train_batch_size_tokens:
-        raise ValueError(
-            f"n_batches_in_buffer={result.n_batches_in_buffer} sequences of {result.context_size} tokens cannot hold "
-            f"one training batch of train_batch_size_tokens={result.train_batch_size_tokens}; use at least "
-            f"{-(-result.train_batch_size_tokens // result.context_size)}"
-        )
-    return result
 
 
 def write_report(

@@ -53,12 +53,12 @@ from sae_lens_hierarchical.jobs.checkpoints import (
 )
 from sae_lens_hierarchical.jobs.common import (
     EmbeddedActivations,
-    apply_overrides,
     check_output_dir,
     finish_job,
     prepare_embedded_activations,
 )
 from sae_lens_hierarchical.jobs.hierarchicalize import check_source_fits, load_source
+from sae_lens_hierarchical.jobs.overrides import apply_overrides
 from sae_lens_hierarchical.jobs.train import streamed_dataset
 from sae_lens_hierarchical.loading import load_sae
 from sae_lens_hierarchical.objectives import objective_overrides

@@ -26,7 +26,8 @@ from sae_lens_hierarchical.conversion import (
 )
 from sae_lens_hierarchical.data.activation_cache import DEFAULT_CACHE_ROOT
 from sae_lens_hierarchical.hierarchical_topk_sae import HierarchicalTopKTrainingSAE, HierarchicalTopKTrainingSAEConfig
-from sae_lens_hierarchical.jobs.common import apply_overrides, check_output_dir, prepare_embedded_activations
+from sae_lens_hierarchical.jobs.common import check_output_dir, prepare_embedded_activations
+from sae_lens_hierarchical.jobs.overrides import apply_overrides
 from sae_lens_hierarchical.jobs.train import TrainingJobResult, run_training_job
 from sae_lens_hierarchical.loading import load_sae
 from sae_lens_hierarchical.presets import Preset

@@ -27,13 +27,13 @@ from sae_lens_hierarchical.jobs.checkpoints import (
 )
 from sae_lens_hierarchical.jobs.common import (
     EmbeddedActivations,
-    apply_overrides,
     check_output_dir,
     finish_job,
     prepare_embedded_activations,
     wandb_environment,
     write_report,
 )
+from sae_lens_hierarchical.jobs.overrides import apply_overrides
 from sae_lens_hierarchical.loading import load_sae
 from sae_lens_hierarchical.presets import Preset, replace_runner_config
 
