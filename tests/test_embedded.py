@@ -122,3 +122,28 @@ def test_small_comparison_on_gemma_3_270m(tmp_path: Path, gemma: HookedTransform
     assert htopk[0].fvu < truncated[0].fvu, (htopk[0], truncated[0])
     assert all(r.ce_loss_score is not None for r in htopk)
     assert (tmp_path / "comparison" / "comparison_ce.png").is_file()
+
+
+@pytest.mark.slow
+def test_a_second_layer_of_gemma_3_270m(tmp_path: Path, gemma: HookedTransformer, gemma_cache: Path) -> None:
+    """``--layer 3``: the preset at another layer trains from its own cache and records that hook."""
+    from sae_lens_hierarchical.jobs.overrides import resolve_job
+
+    job = resolve_job(presets.get_preset("gemma-3-270m"), {}, layer=3, training_tokens=8_192)
+    assert job.preset.hook_name == "blocks.3.hook_resid_post"
+    result = run_training_job(
+        job.preset,
+        tmp_path / "layer3",
+        overrides={**SMALL_GEMMA_SAE, "sae.d_sae": 256},
+        training_tokens=job.training_tokens,
+        eval_tokens=1_000,
+        downstream_tokens=0,
+        cache_root=gemma_cache,
+        wandb="disabled",
+        progress=False,
+        model=gemma,
+    )
+    sae = load_sae(result.sae_dir)
+    assert sae.cfg.metadata.hook_name == "blocks.3.hook_resid_post" and sae.cfg.d_in == 640
+    assert any("blocks.3.hook_resid_post" in path.name for path in gemma_cache.iterdir())
+    assert result.results[-1].fvu < result.results[0].fvu
