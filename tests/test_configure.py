@@ -167,3 +167,22 @@ def test_a_saved_runner_config_reruns_offline(tmp_path: Path, capsys: pytest.Cap
     )  # fmt: skip
     _, runner, _ = records(on_top)
     assert (runner["seed"], runner["lr"], runner["training_tokens"]) == (5, 0.001, 2048)
+
+
+def test_records_carry_no_scratch_or_machine_paths(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Everything a train job writes (SAE config, runner config, job record, report, wandb's offline run metadata) and
+    an export of it, scanned for this run's directories: none appears; the wandb line names where the run is."""
+    output = tmp_path / "run"
+    main(
+        ["train", *QUICK[:-2], *SMALL, "--training-tokens", "2048", "--wandb", "offline",
+         "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(output)]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert f"wandb sync {output}" in printed and ".partial-" not in printed
+    main(["export", str(output / "sae"), str(tmp_path / "topk"), "--k", "4"])
+    scanned = [*output.rglob("*.json"), *output.rglob("*.md"), *(tmp_path / "topk").rglob("*.json")]
+    assert any(path.name == "runner_cfg.json" for path in scanned)
+    for path in scanned:
+        text = path.read_text()
+        for location in (str(tmp_path), ".partial-", str(Path.home() / ".cache")):
+            assert location not in text, f"{path.relative_to(tmp_path)} names {location}"

@@ -231,7 +231,7 @@ def test_export_files_are_plain_topk_with_folded_norms_and_provenance(shared: di
     torch.testing.assert_close(weights["W_dec"].norm(dim=-1), torch.ones(D_SAE))
     saved_cfg = json.loads((shared["exports"] / "saved_k5" / "cfg.json").read_text())
     record = saved_cfg["metadata"]["hierarchical_topk_export"]
-    assert (record["source"], record["k"], record["hierarchy_levels"]) == (str(shared["sae_dir"]), 5, LEVELS)
+    assert (record["source"], record["k"], record["hierarchy_levels"]) == ("sae", 5, LEVELS)  # no machine path
 
 
 def test_to_topk_copies_and_leaves_the_source_untouched() -> None:
@@ -335,8 +335,16 @@ def test_dry_run_lays_out_the_repo_as_sae_lens_uploads_it(shared: dict[str, Any]
         f'load_sae("{REPO}", "{HOOK}"',
         f"| 2 | `{HOOK}/topk_k2` |",
         f'SAE.from_pretrained("{REPO}", "{HOOK}/topk_k2")',
+        "license: other",
+        "pip install sae-lens-hierarchical",
+        "| learning rate | 0.001 |",
+        "BOS and the other special tokens were excluded",
+        "A HierarchicalTopK sparse autoencoder",
     ]:
         assert expected in card, expected
+    assert "One TopK SAE" not in card
+    for path, content in files.items():  # no path of this machine in anything the upload commits
+        assert str(shared["sae_dir"].parents[2]).encode() not in content, path
 
 
 def test_dry_run_is_what_the_real_upload_commits(shared: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -224,9 +224,11 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
 @contextmanager
 def wandb_environment(mode: str, directory: Path) -> Iterator[None]:
     """wandb's mode and run directory for the duration of one job, restored afterwards."""
-    saved = {name: os.environ.get(name) for name in ("WANDB_MODE", "WANDB_DIR")}
+    saved = {name: os.environ.get(name) for name in ("WANDB_MODE", "WANDB_DIR", "WANDB_SILENT")}
     if mode != "disabled":
-        os.environ.update(WANDB_MODE=mode, WANDB_DIR=str(directory))
+        # wandb's own closing lines name the scratch directory, which is renamed when the job succeeds: the job
+        # prints where the run ended up instead.
+        os.environ.update(WANDB_MODE=mode, WANDB_DIR=str(directory), WANDB_SILENT="true")
     try:
         yield
     finally:

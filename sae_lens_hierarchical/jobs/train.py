@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -11,10 +12,11 @@ from typing import Any
 import torch
 from datasets import Dataset, IterableDataset, load_dataset
 from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
+from sae_lens.constants import RUNNER_CFG_FILENAME
 from sae_lens.saes.sae import TrainingSAE
 from transformer_lens import HookedTransformer
 
-from sae_lens_hierarchical._files import scratch_beside
+from sae_lens_hierarchical._files import scratch_beside, write_json_atomically
 from sae_lens_hierarchical.data.activation_cache import DEFAULT_CACHE_ROOT
 from sae_lens_hierarchical.distributed import SINGLE_PROCESS, DataParallel, data_parallel_trainers
 from sae_lens_hierarchical.evaluation import BudgetMetrics, serving_mean_l0s
@@ -128,6 +130,7 @@ def run_training_job(
     with scratch_beside(output_dir) as scratch, wandb_environment(wandb, scratch):
         sae_dir = scratch / SAE_DIRNAME
         _run_sae_lens_runner(rank_cfg, model, activations, dataset, device, sae_dir, wandb, preset.name, seed, **start)
+        portable_runner_config(sae_dir / RUNNER_CFG_FILENAME)
         results: list[BudgetMetrics] = []
         if activations is not None:
             sae = load_sae(sae_dir)
@@ -197,6 +200,19 @@ def _run_sae_lens_runner(
     runner.stop_checkpoints = None if checkpoint_dir is None else (checkpoint_dir, settings or {})
     with data_parallel_trainers():
         runner.run()
+
+
+# runner_cfg.json fields that name where this run's files were on this machine: a record must not carry them (a rerun
+# with ``train --config`` sets its own).
+_RUN_LOCATIONS = ("output_path", "cached_activations_path", "use_cached_activations", "resume_from_checkpoint")
+
+
+def portable_runner_config(path: Path) -> None:
+    """Rewrite SAELens's ``runner_cfg.json`` without this run's locations (scratch directory, activation cache, resume
+    checkpoint), so the record says what was trained and nothing about where."""
+    if path.is_file():
+        config = json.loads(path.read_text())
+        write_json_atomically(path, {name: value for name, value in config.items() if name not in _RUN_LOCATIONS})
 
 
 class FixedScalingRunner(LanguageModelSAETrainingRunner):  # type: ignore[type-arg]
