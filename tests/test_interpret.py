@@ -129,3 +129,19 @@ def test_interpret_refuses_bad_inputs_before_writing(two_seeds: tuple[list[Path]
     with pytest.raises(ValueError, match=r"the SAEs \['topk-k2'\] are missing from saes/"):
         run_interpret_job([dirs[0], other], output, cache_root=cache)
     assert not output.exists()
+
+
+def test_absorption_is_skipped_up_front_for_a_tokenizer_without_words(
+    two_seeds: tuple[list[Path], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The tiny model's character tokenizer has no whole-word tokens: absorption is skipped, with the reason, before
+    anything is cached or scored (no first-letter cache appears); alone it is refused, naming the reason."""
+    dirs, cache = two_seeds
+    before = sorted(path.name for path in cache.iterdir())
+    payload = run_interpret_job(dirs, tmp_path / "out", measures=("absorption", "coarse_to_fine"), cache_root=cache)
+    assert "absorption skipped: the tokenizer has 0 whole-word tokens" in capsys.readouterr().out
+    assert all("absorption" not in entry for by in payload.values() for entry in by.values())
+    added = [path.name for path in cache.iterdir() if path.name not in before]
+    assert not any("first_letter" in name for name in added), added
+    with pytest.raises(ValueError, match=r"absorption skipped.*no other measure was asked for"):
+        run_interpret_job(dirs, tmp_path / "alone", measures=("absorption",), cache_root=cache)

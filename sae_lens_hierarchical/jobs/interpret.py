@@ -37,6 +37,7 @@ from sae_lens_hierarchical.interpretability import (
     residual_probing,
     sparse_probing,
 )
+from sae_lens_hierarchical.interpretability.first_letter import LETTERS, first_letter_vocabulary
 from sae_lens_hierarchical.interpretability.probing import DEFAULT_NS
 from sae_lens_hierarchical.jobs.common import check_output_dir, finish_job
 from sae_lens_hierarchical.loading import load_sae
@@ -100,6 +101,33 @@ def check_comparable(directories: list[Path], suites: list[tuple[dict[str, Any],
             raise ValueError(f"the compare runs differ in {field} ({values}); only the seed may differ between them")
 
 
+# The first-letter task needs whole-word tokens for most letters (its probe is weak below this many words per letter).
+MIN_WORDS_PER_LETTER = 20
+
+
+def _measures_the_model_allows(measures: Sequence[str], model: Any, progress: bool) -> tuple[str, ...]:
+    """``measures`` without absorption when the model's tokenizer has too few whole-word tokens for the first-letter
+    task (a character tokenizer has none): decided from the vocabulary, before anything is cached, and said."""
+    if "absorption" not in measures:
+        return tuple(measures)
+    words = first_letter_vocabulary(model.tokenizer)
+    per_letter = {letter: sum(word[1].lower() == letter for word, _ in words) for letter in LETTERS}
+    enough = sum(count >= MIN_WORDS_PER_LETTER for count in per_letter.values())
+    if enough >= AbsorptionConfig().min_letters:
+        return tuple(measures)
+    kept = tuple(measure for measure in measures if measure != "absorption")
+    reason = (
+        f"absorption skipped: the tokenizer has {len(words)} whole-word tokens (a space then letters), enough for "
+        f"{enough} letters (>= {MIN_WORDS_PER_LETTER} words each); the first-letter task needs "
+        f"{AbsorptionConfig().min_letters}"
+    )
+    if not kept:
+        raise ValueError(reason + "; no other measure was asked for")
+    if progress:
+        print(reason)
+    return kept
+
+
 def run_interpret_job(
     comparison_dirs: Sequence[Path],
     output_dir: Path,
@@ -125,6 +153,7 @@ def run_interpret_job(
     check_comparable(list(comparison_dirs), suites)
     preset = get_preset(suites[0][0]["preset"])
     model = preset.load_model(device)
+    measures = _measures_the_model_allows(measures, model, progress)
     documents = probe = ceiling = None
     if "probing" in measures or "coarse_to_fine" in measures:
         documents = labelled_documents(model, preset.hook_name, cache_root=cache_root, progress=progress)
