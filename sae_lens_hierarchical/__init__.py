@@ -23,17 +23,20 @@ from sae_lens_hierarchical.hierarchical_topk_sae import (
     HierarchicalTopKTrainingSAEConfig,
 )
 from sae_lens_hierarchical.inspection import active_latents
+from sae_lens_hierarchical.jobs.common import HeldOut, held_out
 from sae_lens_hierarchical.loading import load_sae
 
 __all__ = [
     "ARCHITECTURE",
     "Budget",
+    "HeldOut",
     "HierarchicalTopKSAE",
     "HierarchicalTopKSAEConfig",
     "HierarchicalTopKTrainingSAE",
     "HierarchicalTopKTrainingSAEConfig",
     "active_latents",
     "calibrate_threshold",
+    "held_out",
     "load_sae",
 ]
 

@@ -43,6 +43,7 @@ from sae_lens_hierarchical.jobs import (
     write_report,
 )
 from sae_lens_hierarchical.jobs.common import EmbeddedActivations, check_output_dir
+from sae_lens_hierarchical.jobs.compare import check_objectives
 from sae_lens_hierarchical.jobs.doctor import format_doctor_report, run_doctor_job
 from sae_lens_hierarchical.jobs.hierarchicalize import load_source, run_hierarchicalize_job
 from sae_lens_hierarchical.jobs.inspect import default_dashboard_dir, run_inspect_job
@@ -55,6 +56,7 @@ from sae_lens_hierarchical.jobs.overrides import (
 )
 from sae_lens_hierarchical.jobs.overrides import apply_overrides as apply_config_overrides
 from sae_lens_hierarchical.loading import load_sae
+from sae_lens_hierarchical.objectives import objective_overrides
 from sae_lens_hierarchical.preemption import Preempted, stop_on_signals
 from sae_lens_hierarchical.presets import PRESETS, Preset, get_preset, preset_for_sae
 from sae_lens_hierarchical.reporting import format_mean_l0_rows
@@ -192,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-tokens", type=_positive_int, help="held-out tokens (default: the preset's)")
     train.add_argument("--downstream-tokens", type=_non_negative_int, help=DOWNSTREAM_HELP)
     train.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_ROOT, help="activation caches")
+    train.add_argument(
+        "--objective",
+        help="a named objective or recipe, e.g. train-at-2K (K' = 2K, serving budgets up to K), k-weight-0.25; names "
+        "in sae_lens_hierarchical.objectives (default: the preset's, uniform over 1..K)",
+    )
     _add_hook_options(train)
     train.add_argument("--device", help="cpu (default), cuda, cuda:1, ...")
     train.add_argument("--seed", type=int, help="SAE initialisation and data order (default 0)")
@@ -419,6 +426,8 @@ def _train(args: argparse.Namespace) -> None:
             return
     else:
         job = _resolved(args)
+    if args.objective is not None:
+        job = _with_objective(job, args.objective)
     output_dir = _results_dir(args, job)
     check_output_dir(output_dir, args.overwrite)
     with joined_process_group(job.device) as parallel:
@@ -438,6 +447,21 @@ def _train(args: argparse.Namespace) -> None:
     for run in sorted((result.output_dir / "wandb").glob("offline-run-*")):
         print(f"wandb: the offline run is {run}; upload it with `wandb sync {run}`")
     print(f"\nSAE saved to {result.sae_dir}; report in {result.output_dir}. Took {result.seconds / 60:.1f} min.")
+
+
+def _with_objective(job: ResolvedJob, name: str) -> ResolvedJob:
+    """The job with a named objective's SAE fields (refused beside --set of the same fields)."""
+    clashing = sorted(field for field in job.overrides if field.startswith(("sae.hierarchy_", "sae.served_k")))
+    if clashing:
+        raise ValueError(f"--objective {name} sets the level fields itself; drop the overrides {clashing}")
+    cfg = apply_config_overrides(job.preset.runner_config(None, **_tokens(job)), job.overrides)
+    fields = objective_overrides(name, cfg.sae.k, max(1, cfg.training_tokens // cfg.train_batch_size_tokens))
+    overrides = {**job.overrides, **{f"sae.{field}": value for field, value in fields.items()}}
+    return resolve_job(job.preset, overrides, training_tokens=job.training_tokens, seed=job.seed, device=job.device)
+
+
+def _tokens(job: ResolvedJob) -> dict[str, int]:
+    return {} if job.training_tokens is None else {"training_tokens": job.training_tokens}
 
 
 def _job_from_config(args: argparse.Namespace) -> ResolvedJob | None:
@@ -529,6 +553,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
+    check_objectives(args.objectives, dict(args.overrides))  # names the clash before the values are checked
     job = _resolved(args)
     output_dir = _results_dir(args, job, "-comparison")
     with joined_process_group(job.device) as parallel:

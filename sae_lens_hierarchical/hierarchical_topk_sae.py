@@ -558,6 +558,10 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
             each), Matryoshka-style: K gets 1/(n + 1) of every step. The draw depends only on the step number, so a
             resumed run draws what the uninterrupted one did. Needs the default weights (no hierarchy_weights or
             schedule); n must be below the number of levels.
+        served_k (int | None): the largest budget the SAE is meant to serve, when it is trained at a larger K
+            (recorded in the saved metadata; reports serve budgets up to it). The ``train-at-2K`` recipe trains at
+            K = 2 * served_k: the capacity spent on budgets above served_k removes the price a HierarchicalTopK SAE
+            otherwise pays at its largest budget (docs/quality.md). None (default): K.
         aux_loss_coefficient (float): weight of TopK's AuxK dead-latent loss, computed on the full top-K
             reconstruction exactly as in SAELens.
         rescale_acts_by_decoder_norm (bool): rank by ``pre-activation * ||W_dec row||`` and decode with
@@ -587,6 +591,7 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
     hierarchy_final_weights: list[float] | None = None
     hierarchy_schedule_steps: int = 0
     hierarchy_sampled_levels: int = 0
+    served_k: int | None = None
     loss_implementation: str = "auto"
     b_dec_init: str = "zeros"
 
@@ -603,6 +608,8 @@ class HierarchicalTopKTrainingSAEConfig(TopKTrainingSAEConfig):
             self.hierarchy_weights = resolve_level_weights(self.levels, self.hierarchy_weights)
         self._validate_schedule()
         self._validate_sampling()
+        if self.served_k is not None and (not is_int(self.served_k) or not 1 <= self.served_k <= self.k):
+            raise ValueError(f"served_k must be None or an int in 1..K={self.k}; got {self.served_k!r}")
         if self.b_dec_init not in _B_DEC_INITS:
             raise ValueError(f"b_dec_init must be one of {list(_B_DEC_INITS)}; got {self.b_dec_init!r}")
         if str(self.dtype).removeprefix("torch.") == "float16":

@@ -11,6 +11,7 @@ metadata needs nothing from this module to load).
 - ``geometric-k-weight-W``: those levels, weight W on K, the rest shared equally.
 - ``schedule-to-k-weight-W``: uniform at the start, moving linearly to ``k-weight-W`` over the whole run.
 - ``sampled-N``: at each step N levels of 1..K-1 drawn at random and K, weighted equally (Matryoshka-style).
+- ``train-at-2K``: the uniform objective at twice the largest budget to serve (``k = 2K``, ``served_k = K``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ OBJECTIVE_PATTERNS = (
     "geometric-k-weight-W",
     "schedule-to-k-weight-W",
     "sampled-N",
+    "train-at-2K",
 )
 """The accepted names; ``W`` is the weight on the K level, a number in (0, 1]; ``N`` levels drawn per step below K."""
 
@@ -41,6 +43,8 @@ def objective_overrides(name: str, max_k: int, n_training_steps: int) -> dict[st
     ``n_training_steps`` is the run's length: a schedule spans all of it. Every field is set, so an objective
     never inherits another's levels, weights or schedule.
     """
+    if name == "train-at-2K":
+        return {**_DEFAULT_FIELDS, "k": 2 * max_k, "served_k": max_k}
     match = _NAME.fullmatch(name)
     weighted = match is not None and match["kind"] not in ("uniform", "geometric")
     if match is None or weighted != (match["w"] is not None):
@@ -71,6 +75,7 @@ _DEFAULT_FIELDS: dict[str, Any] = {
     "hierarchy_final_weights": None,
     "hierarchy_schedule_steps": 0,
     "hierarchy_sampled_levels": 0,
+    "served_k": None,
 }
 
 

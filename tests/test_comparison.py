@@ -60,6 +60,7 @@ def test_default_suite_members() -> None:
         "hierarchy_final_weights": None,
         "hierarchy_schedule_steps": 0,
         "hierarchy_sampled_levels": 0,
+        "served_k": None,
     }
     assert members["topk-k16"].eval_ks == [16]
     assert members["topk-k64"].family == "topk_truncated"

@@ -186,3 +186,21 @@ def test_records_carry_no_scratch_or_machine_paths(tmp_path: Path, capsys: pytes
         text = path.read_text()
         for location in (str(tmp_path), ".partial-", str(Path.home() / ".cache")):
             assert location not in text, f"{path.relative_to(tmp_path)} names {location}"
+
+
+def test_the_readme_evaluation_snippet_runs_as_written(tmp_path: Path) -> None:
+    """The README's code block, with only its first line (which preset, which SAE) pointed at the tiny model."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"<!-- snippet: evaluate[^\n]*\n```python\n(.*?)```", readme, re.DOTALL)
+    assert block is not None
+    code = block.group(1)
+    assert 'PRESET, SAE_DIR = "gemma-3-270m", "results/gemma-3-270m/sae"' in code
+    output = train(tmp_path, "run", "--training-tokens", "2048", "--set", "sae.k=64", "--set", "sae.d_sae=128")
+    code = code.replace('"gemma-3-270m", "results/gemma-3-270m/sae"', f'"tiny-random", "{output / "sae"}"')
+    namespace: dict[str, object] = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    results = namespace["results"]
+    assert [row.k for row in results] == [1, 4, 16, 64] and all(row.ce_loss_score is not None for row in results)
+    assert [row.mean_l0_target for row in namespace["by_mean_l0"]] == [2, 8]

@@ -215,12 +215,14 @@ def test_a_killed_rank_stops_the_job_and_the_rerun_resumes_from_the_last_checkpo
 
 
 def test_a_runner_config_is_refused_under_a_multi_process_torchrun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """--config runs SAELens's runner on the config's corpus, which no rank would share out: one clear error."""
+    """A --config of no embedded preset runs SAELens's runner on the config's corpus, which no rank would share out:
+    one clear error (an embedded preset's config runs as that preset, data-parallel too)."""
     from sae_lens_hierarchical import cli
     from sae_lens_hierarchical.presets import tiny_runner_config
 
     config = tmp_path / "runner_cfg.json"
-    config.write_text(json.dumps(tiny_runner_config(None).to_dict(), default=str))
+    streamed = {**tiny_runner_config(None).to_dict(), "dataset_path": "someone/some-corpus", "streaming": True}
+    config.write_text(json.dumps(streamed, default=str))
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit, match=r"runs presets \(--preset\)"):
         cli.main(["train", "--config", str(config)])

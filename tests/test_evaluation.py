@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import matplotlib.image
@@ -355,3 +356,15 @@ def test_bad_inputs_name_the_value(
     arguments: dict[str, object] = {"activations": held_out_activations, **kwargs}
     with pytest.raises(ValueError, match=message):
         evaluate_over_k(sae, progress=False, **arguments)  # type: ignore[arg-type]
+
+
+def test_bos_like_rows_make_the_evaluation_warn() -> None:
+    """Activations taken with ``cache[hook].reshape(-1, d_in)`` keep BOS rows (norms ~100x text): a warning says so."""
+    torch.manual_seed(0)
+    sae = HierarchicalTopKSAE(HierarchicalTopKSAEConfig(d_in=16, d_sae=32, k=4))
+    text = torch.randn(500, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluate_over_k(sae, text, [4], progress=False)  # clean rows: no warning
+    with pytest.warns(UserWarning, match=r"5 of 505 activation rows have norms over 10x the median"):
+        evaluate_over_k(sae, torch.cat([text, 100 * torch.randn(5, 16)]), [4], progress=False)

@@ -46,6 +46,7 @@ def test_named_objectives_are_the_documented_fields(name: str, max_k: int, expec
         "hierarchy_final_weights": None,
         "hierarchy_schedule_steps": 0,
         "hierarchy_sampled_levels": 0,
+        "served_k": None,
     }
     fields = objective_overrides(name, max_k, n_training_steps=10)
     assert fields.keys() == defaults.keys()
@@ -147,3 +148,25 @@ def test_compare_cli_objectives_refuse_clashes_before_writing(tmp_path: Path) ->
     with pytest.raises(SystemExit, match=r"drop the overrides \['sae.hierarchy_weights'\]"):
         main([*common, "--objectives", "uniform", "--set", "sae.hierarchy_weights=[0.5,0.5]"])
     assert not output.exists()
+
+
+def test_train_at_2k_trains_at_twice_k_and_records_the_served_budget(tmp_path: Path) -> None:
+    """The recipe as a named objective: ``k = 2K``, ``served_k = K``, side by side with the uniform SAE at K in one
+    suite (evaluated at its own budgets), and recorded in the saved SAE's metadata."""
+    assert objective_overrides("train-at-2K", 32, 10) == {
+        "hierarchy_levels": None,
+        "hierarchy_weights": None,
+        "hierarchy_final_weights": None,
+        "hierarchy_schedule_steps": 0,
+        "hierarchy_sampled_levels": 0,
+        "served_k": 32,
+        "k": 64,
+    }
+    output = run(tmp_path, "recipes", overrides=SMALL_SAE, objectives=["uniform", "train-at-2K"])
+    report = json.loads((output / "comparison.json").read_text())["saes"]
+    assert set(report) >= {"htopk-k8-uniform", "htopk-k16-train-at-2K"}
+    assert [row["k"] for row in report["htopk-k16-train-at-2K"]["results"]][-1] == 16
+    saved = json.loads((output / "saes" / "htopk-k16-train-at-2K" / "cfg.json").read_text())
+    assert saved["k"] == 16 and saved["metadata"]["training_architecture_details"]["served_k"] == 8
+    with pytest.raises(ValueError, match=r"served_k must be None or an int in 1\.\.K=8; got 9"):
+        HierarchicalTopKTrainingSAEConfig(d_in=4, d_sae=64, k=8, served_k=9)

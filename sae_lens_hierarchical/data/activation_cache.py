@@ -175,14 +175,6 @@ def cache_activations(
         remove_stale_temporaries(directory)
         remove_stale_temporaries(shards_dir)
         hook_layer(key.hook_name)  # fail before any work on a bad hook name
-        # The width of one token's activations, flattened (attn.hook_z is [n_heads, d_head] per token).
-        d_in = hook_activations(model, torch.tensor(token_sequences[:1]["input_ids"]), key.hook_name)[0, 0].numel()
-        features = Features(
-            {
-                key.hook_name: Array2D(shape=(key.context_size, d_in), dtype=key.dtype),
-                "token_ids": Sequence(Value("int32"), length=key.context_size),
-            }
-        )
         starts = range(0, key.n_sequences, shard_sequences)
         shard_paths = [shards_dir / f"shard_{i:05d}" for i in range(len(starts))]
         todo = [i for i, path in enumerate(shard_paths) if not path.is_dir()]
@@ -200,15 +192,17 @@ def cache_activations(
             tokens = torch.tensor(token_sequences[starts[index] : stop]["input_ids"])
             if tokens.shape[1] != key.context_size:
                 raise ValueError(f"input_ids rows must have {key.context_size} tokens; got {tokens.shape[1]}")
+            # One token's activations flattened (attn.hook_z is [n_heads, d_head] per token).
             acts = hook_activations(model, tokens, key.hook_name, batch_size, bar).flatten(start_dim=2)
             shard = Dataset.from_dict(
                 {key.hook_name: acts.to(torch.float32).numpy(), "token_ids": tokens.to(torch.int32).numpy()},
-                features=features,
+                features=_features(key, acts.shape[-1]),
             )
             save_dataset_atomically(shard, shard_paths[index])
             done += 1
         bar.close()
         combined = concatenate_datasets([load_from_disk(str(path)) for path in shard_paths])
+        d_in = combined.features[key.hook_name].shape[1]
         activations_dir = directory / ACTIVATIONS_DIRNAME
         if activations_dir.exists():  # left by a run interrupted between this rename and the manifest
             shutil.rmtree(activations_dir)
@@ -217,6 +211,16 @@ def cache_activations(
         write_json_atomically(directory / MANIFEST_FILENAME, manifest)
         shutil.rmtree(shards_dir)
     return ActivationCache(directory=directory, key=key, d_in=d_in)
+
+
+def _features(key: ActivationCacheKey, d_in: int) -> Features:
+    """The cached dataset's columns: ``[context, d_in]`` activations named after the hook, and the token ids."""
+    return Features(
+        {
+            key.hook_name: Array2D(shape=(key.context_size, d_in), dtype=key.dtype),
+            "token_ids": Sequence(Value("int32"), length=key.context_size),
+        }
+    )
 
 
 @torch.no_grad()

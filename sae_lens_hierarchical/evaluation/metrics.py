@@ -7,6 +7,7 @@ With a model and tokens, also the CE-loss and KL scores of :mod:`sae_lens_hierar
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -248,6 +249,7 @@ def _evaluate(
 ) -> tuple[list[BudgetMetrics], FirstRanks]:
     """The metrics at each budget, and the first ranks up to the largest rank the ranking reached."""
     _check_activations(sae, activations)
+    _warn_about_outlier_rows(activations)
     n_tokens = activations.shape[0]
     squared_error = torch.zeros(len(budgets), dtype=torch.float64)
     cossim_sum = torch.zeros(len(budgets), dtype=torch.float64)
@@ -306,6 +308,24 @@ def _evaluate(
             )
         )
     return results, first_ranks
+
+
+# A row whose norm is this many times the median row norm is taken for a BOS-like position.
+OUTLIER_NORM_RATIO = 10.0
+
+
+def _warn_about_outlier_rows(activations: torch.Tensor) -> None:
+    """Warn when some rows' norms are far above the rest: BOS or padding positions, which the SAE never trained on
+    and whose squared error would dominate FVU (remove special tokens, as ``held_out`` does)."""
+    norms = activations.double().norm(dim=-1)
+    outliers = int((norms > OUTLIER_NORM_RATIO * norms.median()).sum())
+    if outliers:
+        warnings.warn(
+            f"{outliers} of {len(norms)} activation rows have norms over {OUTLIER_NORM_RATIO:g}x the median (BOS or "
+            "padding positions?): they dominate FVU and MSE; remove special-token positions first "
+            "(sae_lens_hierarchical.held_out does)",
+            stacklevel=3,
+        )
 
 
 def _check_activations(sae: SAE[Any], activations: torch.Tensor) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import wandb
 from datasets import Dataset
 from sae_lens import SAE
 from sae_lens.util import get_special_token_ids
@@ -42,7 +43,7 @@ from sae_lens_hierarchical.evaluation import (
     format_markdown_table,
     plot_over_k,
 )
-from sae_lens_hierarchical.presets import Preset
+from sae_lens_hierarchical.presets import Preset, get_preset
 from sae_lens_hierarchical.reporting import format_mean_l0_rows, plot_mean_l0
 
 
@@ -107,6 +108,50 @@ class EmbeddedActivations:
             return {}
         tokens = self.held_out_tokens(downstream_tokens)
         return {"model": model, "tokens": tokens, "exclude_token_ids": self.special_token_ids}
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """An embedded preset's held-out text, ready to evaluate an SAE on (what ``evaluate`` and the jobs use)."""
+
+    activations: torch.Tensor
+    """``[tokens, d_in]`` activations at the hook, BOS, padding and every other special-token position removed."""
+    tokens: torch.Tensor
+    """``[sequences, context]`` token ids of the first held-out sequences (BOS first), for CE-loss / KL scores."""
+    special_token_ids: list[int]
+    """Token ids to pass as ``exclude_token_ids`` when splicing (their positions keep clean activations)."""
+    model: HookedTransformer
+    hook_name: str
+
+
+def held_out(
+    preset: str | Preset = "gemma-3-270m",
+    eval_tokens: int | None = None,
+    downstream_tokens: int | None = None,
+    *,
+    hook: str | None = None,
+    model: HookedTransformer | None = None,
+    cache_root: Path = DEFAULT_CACHE_ROOT,
+    device: str = "cpu",
+    progress: bool = True,
+) -> HeldOut:
+    """The held-out activations and tokens of an embedded preset (at ``hook``, default its own), cached on first use.
+
+    Special tokens are removed from the activations: BOS rows have norms ~100x those of text and would dominate any
+    FVU (``evaluate_over_k`` warns about such rows). Pass ``activations``, and ``model``/``tokens``/
+    ``special_token_ids`` for the CE-loss and KL scores, to :func:`evaluate_over_k` or ``evaluate_over_mean_l0``.
+    """
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    if hook is not None:
+        preset = preset.at_hook(hook)
+    if not preset.embedded:
+        raise ValueError(f"preset {preset.name!r} has no embedded held-out text; choose an embedded preset")
+    model = model if model is not None else preset.load_model(device)
+    cached = prepare_embedded_activations(
+        preset, model, eval_tokens or preset.eval_tokens, cache_root=cache_root, progress=progress
+    )
+    tokens = cached.held_out_tokens(downstream_tokens or preset.downstream_eval_tokens)
+    return HeldOut(cached.held_out_activations(), tokens, cached.special_token_ids, model, preset.hook_name)
 
 
 def prepare_embedded_activations(
@@ -223,7 +268,11 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
 
 @contextmanager
 def wandb_environment(mode: str, directory: Path) -> Iterator[None]:
-    """wandb's mode and run directory for the duration of one job, restored afterwards."""
+    """wandb's mode and run directory for the duration of one job, restored afterwards.
+
+    wandb reads its settings once per process: it is torn down after the job, so that a second job in the same
+    process (a notebook, a test) writes its run into its own directory, not the first one's.
+    """
     saved = {name: os.environ.get(name) for name in ("WANDB_MODE", "WANDB_DIR", "WANDB_SILENT")}
     if mode != "disabled":
         # wandb's own closing lines name the scratch directory, which is renamed when the job succeeds: the job
@@ -232,6 +281,8 @@ def wandb_environment(mode: str, directory: Path) -> Iterator[None]:
     try:
         yield
     finally:
+        if mode != "disabled":
+            wandb.teardown()
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)

@@ -135,7 +135,14 @@ def baseline_suite(
         members = [SuiteMember(f"htopk-k{max_k}", "hierarchical", {}, eval_ks, mean_l0s=mean_l0s)]
     else:
         members = [
-            SuiteMember(f"htopk-k{max_k}-{name}", "hierarchical", fields, eval_ks, objective=name, mean_l0s=mean_l0s)
+            SuiteMember(
+                f"htopk-k{fields.get('k', max_k)}-{name}",
+                "hierarchical",
+                fields,
+                sorted(set(default_budgets(fields.get("k", max_k))) | set(budgets)),
+                objective=name,
+                mean_l0s=serving_mean_l0s(fields.get("k", max_k)),
+            )
             for name, fields in objectives.items()
         ]
     if "topk" in baselines:
@@ -170,7 +177,12 @@ def baseline_suite(
 
 
 # A baseline keeps its own fixed objective whatever level-weight schedule the HierarchicalTopK SAE is given.
-_NO_SCHEDULE = {"hierarchy_final_weights": None, "hierarchy_schedule_steps": 0, "hierarchy_sampled_levels": 0}
+_NO_SCHEDULE = {
+    "hierarchy_final_weights": None,
+    "hierarchy_schedule_steps": 0,
+    "hierarchy_sampled_levels": 0,
+    "served_k": None,
+}
 
 
 def _single_level(k: int) -> dict[str, Any]:
@@ -234,7 +246,7 @@ def run_comparison_job(
     training_tokens = training_tokens or preset.training_tokens
     eval_tokens = eval_tokens or preset.eval_tokens
     downstream_tokens = preset.downstream_eval_tokens if downstream_tokens is None else downstream_tokens
-    _check_objectives(objectives, overrides or {})
+    check_objectives(objectives, overrides or {})
     cfg = apply_overrides(preset.runner_config(None, training_tokens=training_tokens, seed=seed), overrides or {})
     device = parallel.device(device)
     cfg = replace_runner_config(cfg, device=device)
@@ -323,7 +335,7 @@ def evaluate_member(
     return list(by_k), by_mean_l0
 
 
-def _check_objectives(objectives: list[str] | None, overrides: dict[str, Any]) -> None:
+def check_objectives(objectives: list[str] | None, overrides: dict[str, Any]) -> None:
     """Refuse duplicate objectives and ``--set`` overrides of the level fields, which would silently lose to the
     names; before anything else looks at the overrides."""
     if objectives is None:
