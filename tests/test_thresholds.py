@@ -300,3 +300,23 @@ def test_a_calibration_carries_over_to_text_it_did_not_see() -> None:
     for row in rows:  # two samples of 20k tokens: a few percent apart at most (measured: 1.6%, 1.9%, 0.8%)
         assert row.l0 == pytest.approx(row.mean_l0_target, rel=0.03)
         assert row.l0 != row.mean_l0_target  # other text: not the calibration's count
+
+
+def test_targets_the_sae_cannot_reach_are_skipped_with_a_warning_when_asked() -> None:
+    """An SAE that keeps fewer than K latents on many tokens (negative encoder biases) cannot reach every mean L0 a
+    report asks for; a report skips those targets (one warning naming them and the largest reachable) instead of
+    failing after a long training run, and the reachable ones match the brute force."""
+    sae = make_sae("inference", "float64")
+    torch.manual_seed(0)
+    x = sae.b_dec.detach() + 0.1 * torch.randn(200, D_IN, dtype=torch.float64)  # near b_dec: few positive
+    acts, _ = brute_force(sae, x, 1e-12)
+    largest = float((acts > 0).sum()) / 200
+    assert 2 < largest < 6  # below K = 8: targets 6 and 8 are out of reach
+    with pytest.raises(ValueError, match="got mean_l0=6"):
+        evaluate_over_mean_l0(sae, x, [2, 6], progress=False)
+    with pytest.warns(UserWarning, match=rf"mean L0 targets \[6, 8\] skipped: .* {largest:.4g}"):
+        rows = evaluate_over_mean_l0(sae, x, [8, 2, 6], progress=False, unreachable="skip")
+    assert [row.mean_l0_target for row in rows] == [2]
+    assert rows[0].l0 == pytest.approx(2, rel=0.01)
+    with pytest.raises(ValueError, match="unreachable must be 'error' or 'skip'; got 'drop'"):
+        evaluate_over_mean_l0(sae, x, [2], progress=False, unreachable="drop")  # type: ignore[arg-type]

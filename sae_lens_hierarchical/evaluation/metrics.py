@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ from sae_lens_hierarchical.evaluation.budgets import (
     with_global_threshold_lifted,
 )
 from sae_lens_hierarchical.evaluation.downstream import downstream_metrics
-from sae_lens_hierarchical.evaluation.thresholds import calibrate_thresholds
+from sae_lens_hierarchical.evaluation.thresholds import ranking_values, thresholds_for_mean_l0
 from sae_lens_hierarchical.loading import load_sae
 
 
@@ -165,6 +165,7 @@ def evaluate_over_mean_l0(
     exclude_token_ids: list[int] | None = None,
     hook_name: str | None = None,
     sequence_batch_size: int = 8,
+    unreachable: Literal["error", "skip"] = "error",
 ) -> list[BudgetMetrics]:
     """Metrics of ``sae`` served by one global threshold per target mean L0 in ``mean_l0s`` (sorted), in one pass.
 
@@ -174,14 +175,29 @@ def evaluate_over_mean_l0(
     each token's ranks >= θ (at most K); another SAE keeps, of what its own ``encode`` activates, the activations
     >= θ (TopK: at most its k; JumpReLU: above its own thresholds too), except that a JumpReLU SAE with one
     threshold for every latent (BatchTopK, Matryoshka) is re-thresholded: θ replaces its trained threshold
-    (:func:`~sae_lens_hierarchical.evaluation.budgets.with_global_threshold_lifted`). Arguments as for
-    :func:`evaluate_over_k`.
+    (:func:`~sae_lens_hierarchical.evaluation.budgets.with_global_threshold_lifted`). A target above the mean L0
+    the SAE keeps without a threshold is an error, or with ``unreachable="skip"`` left out with one warning (what a
+    report wants after a long run: an SAE whose pre-activations are often negative keeps fewer than K). Other
+    arguments as for :func:`evaluate_over_k`.
     """
+    if unreachable not in ("error", "skip"):
+        raise ValueError(f"unreachable must be 'error' or 'skip'; got {unreachable!r}")
     sae = with_global_threshold_lifted(_loaded(sae, activations))
     _check_activations(sae, activations)
     targets = sorted(mean_l0s)
     calibration = activations if calibration_activations is None else calibration_activations
-    thresholds = calibrate_thresholds(sae, calibration, targets, batch_size)
+    values = ranking_values(sae, calibration, batch_size)
+    largest = len(values) / calibration.shape[0]
+    if unreachable == "skip" and (skipped := [target for target in targets if target > largest]):
+        warnings.warn(
+            f"mean L0 targets {skipped} skipped: the SAE keeps a mean L0 of {largest:.4g} without a threshold on "
+            "these activations",
+            stacklevel=2,
+        )
+        targets = [target for target in targets if target <= largest]
+        if not targets:
+            return []
+    thresholds = thresholds_for_mean_l0(values, calibration.shape[0], targets)
     downstream = _downstream_arguments(model, tokens, exclude_token_ids, hook_name, sequence_batch_size)
     budgets = [Budget(threshold=threshold) for threshold in thresholds]
     rows, _ = _evaluate(sae, activations, budgets, batch_size, progress, downstream)

@@ -93,11 +93,16 @@ class EmbeddedActivations:
         progress: bool = True,
     ) -> list[BudgetMetrics]:
         """The SAE served by one threshold per target mean L0 (:func:`evaluate_over_mean_l0`, calibrated on these
-        held-out activations, so the mean L0 is the target), then, with ``as_saved``, as it encodes by itself (one
+        held-out activations, so the mean L0 is the target; targets above what the SAE keeps without a threshold are
+        skipped with a warning), then, with ``as_saved``, as it encodes by itself (one
         more row, whose ``threshold`` and ``mean_l0_target`` are None). Scores as :meth:`evaluate`."""
         scoring = self._scoring(model, downstream_tokens)
         held_out = self.held_out_activations()
-        rows = evaluate_over_mean_l0(sae, held_out, mean_l0s, progress=progress, **scoring) if mean_l0s else []
+        rows = (
+            evaluate_over_mean_l0(sae, held_out, mean_l0s, progress=progress, unreachable="skip", **scoring)
+            if mean_l0s
+            else []
+        )
         if as_saved:
             rows += evaluate_budgets(sae, held_out, [Budget()], progress=progress, **scoring)
         return rows
