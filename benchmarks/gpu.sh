@@ -1,44 +1,40 @@
 #!/usr/bin/env bash
 # shellcheck disable=SC2329  # the step functions run through run_step, which shellcheck cannot follow
-# benchmarks/gpu.sh: the checks and measurements to run on the first machine with an NVIDIA GPU.
+# benchmarks/gpu.sh: the checks and measurements to run on a lent NVIDIA GPU, in one call that fits the lease
+# (about 7 minutes on an H100; GPU_BUDGET_S, default 450, skips the steps that would start too late).
 #
-# Install (repo root, on the GPU machine): the README's install without the CPU torch pin, so that pip picks a CUDA
-# build of torch; [dev] brings triton (through [gpu]) and pytest, [bench] brings sparsify for its TopK row:
-#
-#     python3 -m venv .venv && .venv/bin/pip install -e ".[dev,bench]"
+# Install. A lent machine has torch with CUDA but no package registry: on a connected machine run
+# `bash benchmarks/gpu_wheels.sh` (downloads the wheels of this package's dependencies the image lacks into .whl/,
+# ignored by git, about 45 MB) and carry that folder with the working tree; the `wheels` step installs them with
+# `pip --no-deps --no-index --target` and puts them and this checkout on PYTHONPATH. Elsewhere:
+# `pip install -e ".[dev,bench]"` without the README's CPU torch pin.
 #
 # Run (from anywhere; it changes to the repo root):
 #
 #     bash benchmarks/gpu.sh
 #
 # Steps. Each writes <results>/<step>.log; a failed step is recorded and the next one runs:
-#   env              nvidia-smi (full, -L, topo -m), Python/torch/CUDA/cuDNN/NCCL/triton/... versions, git commit,
-#                    pip freeze.
-#   triton_tests     tests/test_triton_kernels.py and tests/test_triton_sparse.py (and tests/test_self_check.py where
-#                    it exists) with the kernels COMPILED on CUDA tensors: TRITON_INTERPRET=0. tests/conftest.py sets
-#                    TRITON_INTERPRET=1 unless it is already set, so leaving it unset would run the interpreter; with 0
-#                    the tests' `device` fixture picks "cuda". A skipped test counts as a failure here (except the ones
-#                    that only run in the interpreter, whose reason names TRITON_INTERPRET=1): it means a kernel
-#                    did not run on the GPU.
-#   doctor           `sae-lens-hierarchical doctor` (with --device cuda where it takes one), where the subcommand exists;
-#                    doctor_json: the same with --json into doctor.json, where it takes --json.
-#   bench_step       benchmarks/bench_step.py --device cuda: its CUDA sizes are the paper's, d_in 2304, d_sae 65,536,
-#                    4096 tokens (checked in its JSON afterwards); K 16, 32, 64, 128 (16 added to its CUDA default so
-#                    that the "K=128 / K=16" target is measured); rows SAELens TopK, sparsify TopK, HTopK reference,
-#                    HTopK fused, HTopK triton and the one-matmul floor. If that run fails (e.g. the reference loss
-#                    runs out of memory), bench_step_without_reference runs the other rows.
-#   bench_inference  benchmarks/bench_inference.py on CUDA, where it takes --device (skipped otherwise).
-#   gemma_2_2b_full_width  benchmarks/gemma_2_2b_full_width.py --device cuda, where it exists and takes --device.
-#   compare_tiny     `compare --preset tiny-random --device cuda` on one GPU: an end-to-end smoke run, and the
-#                    one-process time for ddp_tiny.
-#   ddp_nccl_one_gpu benchmarks/ddp_nccl_check.py: the data-parallel trainer in a one-process NCCL group against
-#                    SAELens's trainer (float64), so NCCL's own rules (GPU tensors only) are exercised on one GPU.
-#   ddp_tiny         with 2 or more GPUs (nvidia-smi -L): the same under `torchrun --nproc-per-node 2` (data-parallel).
-# Then summary.md: every step, its status, wall-clock seconds and log.
+#   wheels           .whl/*.whl installed, where the folder exists.
+#   env              nvidia-smi, Python/torch/CUDA/cuDNN/NCCL/triton/... versions, git commit, pip freeze.
+#   triton_tests     tests/test_triton_kernels.py, tests/test_triton_sparse.py and tests/test_self_check.py with the
+#                    kernels COMPILED on CUDA tensors (TRITON_INTERPRET=0; tests/conftest.py would otherwise set 1). A
+#                    skipped test counts as a failure (except those that exist for the interpreter).
+#   doctor           `sae-lens-hierarchical doctor`: the kernels' self-check on this device.
+#   sync_check       benchmarks/sync_check.py: HTopK training steps under torch.cuda.set_sync_debug_mode("warn"); every
+#                    host synchronisation is listed with where it happened (sync_check.json); any fails the step.
+#   bench_step_<p>   for p = bf16, tf32, fp32: benchmarks/bench_step.py --device cuda --precision p at the paper's sizes
+#                    (d_in 2304, d_sae 65,536, 4096 tokens, checked in its JSON), K 16..128, rows SAELens TopK,
+#                    sparsify TopK (as its trainer runs it, and clipped), HTopK fused and triton, the two floors, with
+#                    peak GPU memory per row; then the Triton step's breakdown at K = 64 between CUDA events.
+#   profile_bf16     torch.profiler's top kernels per step at K = 64 in bf16 (SAELens TopK, sparsify, HTopK triton).
+#   compare_tiny     `compare --preset tiny-random --device cuda`: an end-to-end run.
+#   extras           only with GPU_EXTRA=1: the NCCL data-parallel check, bench_inference, the Gemma-2 2B full-width
+#                    benchmark and, with 2 GPUs, a torchrun comparison.
+# Then summary.md: every step, its status, wall-clock seconds and log, and each benchmark's targets.
 #
 # Results: benchmarks/results/gpu-<gpu name>-<date>/ (another run the same day gets a time suffix).
-# Environment: PYTHON (default .venv/bin/python), STEP_TIMEOUT (seconds a step may run, default 3600),
-# BENCH_REPEATS (timed steps per row of bench_step, default 20), GPU_RESULTS_DIR (overrides the results folder).
+# Environment: PYTHON (default .venv/bin/python, else python3), STEP_TIMEOUT (seconds a step may run, default 300),
+# BENCH_REPEATS (timed steps per row, default 10), GPU_BUDGET_S, GPU_EXTRA, GPU_RESULTS_DIR (the results folder).
 # Exit status: 0 when every step that ran passed, 1 when one failed, 2 when there is no usable GPU or Python.
 # Needs bash >= 4.4, GNU coreutils (timeout, date +%N).
 
@@ -47,8 +43,12 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 REPO=$(pwd)
 PYTHON=${PYTHON:-$REPO/.venv/bin/python}
-STEP_TIMEOUT=${STEP_TIMEOUT:-3600}
-BENCH_REPEATS=${BENCH_REPEATS:-20}
+[[ -x $PYTHON ]] || PYTHON=$(command -v python3 || echo python3)  # a lent machine's own Python, torch included
+STEP_TIMEOUT=${STEP_TIMEOUT:-300}
+BENCH_REPEATS=${BENCH_REPEATS:-10}
+GPU_BUDGET_S=${GPU_BUDGET_S:-450}  # the whole run: steps that would start later than 60 s before it are skipped
+SCRIPT_START=$SECONDS
+out_of_time() { ((SECONDS - SCRIPT_START > GPU_BUDGET_S - 60)); }
 # Compiled kernels everywhere: an inherited TRITON_INTERPRET=1 would run every Triton kernel in the CPU interpreter.
 export TRITON_INTERPRET=0
 
@@ -137,6 +137,19 @@ run_step() {
     esac
     record "$name" "$status" "$(elapsed "$start" "$(now)")" ""
 }
+
+# --- 0. wheels the machine lacks (benchmarks/gpu_wheels.sh downloads them into .whl/ on a connected machine) ----------
+
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}  # this checkout's package, also for the scripts in benchmarks/
+if compgen -G ".whl/*.whl" >/dev/null; then
+    SITE=${TMPDIR:-/tmp}/gpu-sh-site
+    install_wheels() { "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$SITE" .whl/*.whl; }
+    run_step wheels install_wheels
+    export PYTHONPATH=$PYTHONPATH:$SITE
+else
+    skip_step wheels "no .whl/ (the machine's own packages are used)"
+fi
 
 # --- 1. environment --------------------------------------------------------------------------------------------------
 
@@ -233,22 +246,25 @@ if doctor_help=$("${CLI[@]}" doctor --help 2>&1); then
     doctor_args=(doctor)
     grep -q -- '--device' <<<"$doctor_help" && doctor_args+=(--device cuda)
     run_step doctor "${CLI[@]}" "${doctor_args[@]}"
-    if grep -q -- '--json' <<<"$doctor_help"; then
-        doctor_json() { timeout --kill-after=60 "$STEP_TIMEOUT" "${CLI[@]}" "${doctor_args[@]}" --json >"$OUT/doctor.json"; }
-        run_step doctor_json doctor_json
-    fi
 else
     skip_step doctor "this checkout has no 'doctor' subcommand ('sae-lens-hierarchical doctor --help' failed)"
 fi
 
-# --- 4. step benchmark at the paper's sizes, and the inference benchmark ---------------------------------------------
+# --- 4. no host synchronisation in the training step ---------------------------------------------------------------
 
-ALL_ROWS=(topk sparsify htopk_reference htopk_fused htopk_triton floor)
+sync_check() {
+    timeout --kill-after=30 "$STEP_TIMEOUT" "$PYTHON" benchmarks/sync_check.py --output "$OUT/sync_check.json"
+}
+run_step sync_check sync_check
 
-check_bench_step() { # DIR ROWS...: the JSON has the paper's sizes and every row asked for
-    local dir=$1
+# --- 5. step benchmark at the paper's sizes in fp32, tf32 and bf16: times, memory, breakdown, profile -----------------
+
+STEP_ROWS=(topk sparsify sparsify_clipped htopk_fused htopk_triton floor floor_linear)
+
+check_bench_step() { # JSON ROWS...: the JSON has the paper's sizes and every row asked for
+    local json=$1
     shift
-    "$PYTHON" - "$dir/bench_step_cuda.json" "$@" <<'PY'
+    "$PYTHON" - "$json" "$@" <<'PY'
 import json
 import sys
 
@@ -262,65 +278,68 @@ problems = [
 ]
 ran = {row["implementation"] for row in rows}
 problems += [f"row {name} missing (see the log for why)" for name in wanted if name not in ran]
-print(f"{config['device_name']}: d_in {config['d_in']}, d_sae {config['d_sae']}, {config['tokens']} tokens, "
-      f"K {sorted({row['k'] for row in rows})}, rows {sorted(ran)}")
+problems += [f"{row['implementation']} K={row['k']}: no peak memory" for row in rows if "peak_tensor_bytes" not in row]
+print(f"{config['device_name']} {config['precision']}: d_in {config['d_in']}, d_sae {config['d_sae']}, "
+      f"{config['tokens']} tokens, K {sorted({row['k'] for row in rows})}, rows {sorted(ran)}")
 for problem in problems:
     print("PROBLEM:", problem)
 sys.exit(1 if problems else 0)
 PY
 }
 
-bench_step() { # DIR ROWS...
-    local dir=$1
-    shift
+bench_step() { # PRECISION: every row at K 16..128 with in-process memory, then the Triton step's breakdown at K=64
+    local precision=$1 dir=$OUT/bench_step suffix=""
+    [[ $precision != fp32 ]] && suffix=_$precision
     mkdir -p "$dir" || return 1
-    timeout --kill-after=60 "$STEP_TIMEOUT" "$PYTHON" benchmarks/bench_step.py --device cuda --ks 16 32 64 128 \
-        --warmup 3 --repeats "$BENCH_REPEATS" --implementations "$@" --output-dir "$dir" || return
-    check_bench_step "$dir" "$@"
+    timeout --kill-after=30 "$STEP_TIMEOUT" "$PYTHON" benchmarks/bench_step.py --device cuda --precision "$precision" \
+        --ks 16 32 64 128 --warmup 3 --repeats "$BENCH_REPEATS" --implementations "${STEP_ROWS[@]}" \
+        --output-dir "$dir" || return
+    check_bench_step "$dir/bench_step_cuda$suffix.json" "${STEP_ROWS[@]}" || return
+    timeout --kill-after=30 "$STEP_TIMEOUT" "$PYTHON" benchmarks/bench_step.py --device cuda --precision "$precision" \
+        --breakdown 64 --warmup 3 --repeats "$BENCH_REPEATS" --output-dir "$dir"
 }
 
-run_step bench_step bench_step "$OUT/bench_step" "${ALL_ROWS[@]}"
-BENCH_MD=$OUT/bench_step/bench_step_cuda.md
-if ((RC != 0)); then
-    without_reference=()
-    for row in "${ALL_ROWS[@]}"; do
-        [[ $row != htopk_reference ]] && without_reference+=("$row")
-    done
-    run_step bench_step_without_reference bench_step "$OUT/bench_step_without_reference" "${without_reference[@]}"
-    ((RC == 0)) && BENCH_MD=$OUT/bench_step_without_reference/bench_step_cuda.md
+for precision in bf16 tf32 fp32; do  # the precisions people train in first, should the lease run out
+    if out_of_time; then
+        skip_step "bench_step_$precision" "the run's time budget (GPU_BUDGET_S=$GPU_BUDGET_S) is spent"
+        continue
+    fi
+    run_step "bench_step_$precision" bench_step "$precision"
+done
+
+profile() {
+    timeout --kill-after=30 "$STEP_TIMEOUT" "$PYTHON" benchmarks/bench_step.py --device cuda --precision bf16 \
+        --profile 64 --warmup 3 --implementations topk sparsify htopk_triton --output-dir "$OUT/bench_step"
+}
+if out_of_time; then
+    skip_step profile_bf16 "the run's time budget (GPU_BUDGET_S=$GPU_BUDGET_S) is spent"
+else
+    run_step profile_bf16 profile
 fi
 
-if "$PYTHON" benchmarks/bench_inference.py --help 2>/dev/null | grep -q -- '--device'; then
-    run_step bench_inference "$PYTHON" benchmarks/bench_inference.py --device cuda --output-dir "$OUT/bench_inference"
+# --- 6. end to end on one GPU; the slower extras only with GPU_EXTRA=1 -----------------------------------------------
+
+if out_of_time; then
+    skip_step compare_tiny "the run's time budget (GPU_BUDGET_S=$GPU_BUDGET_S) is spent"
 else
-    skip_step bench_inference "benchmarks/bench_inference.py takes no --device (it runs on CPU only)"
+    run_step compare_tiny "${CLI[@]}" compare --preset tiny-random --device cuda --output-dir "$OUT/compare_tiny" \
+        --downstream-tokens 0 --cache-dir "$CACHE_ROOT/one_gpu"
 fi
-
-# The gemma-2-2b preset's training path at full width on random weights (another engineer's benchmark; run where it
-# exists and takes --device, with --output-dir where it takes one).
-FULL_WIDTH=benchmarks/gemma_2_2b_full_width.py
-if [[ ! -f $FULL_WIDTH ]]; then
-    skip_step gemma_2_2b_full_width "$FULL_WIDTH does not exist in this checkout"
-elif full_width_help=$("$PYTHON" "$FULL_WIDTH" --help 2>&1) && grep -q -- '--device' <<<"$full_width_help"; then
-    full_width_args=(--device cuda)
-    grep -q -- '--output-dir' <<<"$full_width_help" && full_width_args+=(--output-dir "$OUT/gemma_2_2b_full_width")
-    run_step gemma_2_2b_full_width "$PYTHON" "$FULL_WIDTH" "${full_width_args[@]}"
+if [[ ${GPU_EXTRA:-0} == 1 ]]; then
+    run_step ddp_nccl_one_gpu "$PYTHON" benchmarks/ddp_nccl_check.py  # the data-parallel trainer over NCCL
+    if "$PYTHON" benchmarks/bench_inference.py --help 2>/dev/null | grep -q -- '--device'; then
+        run_step bench_inference "$PYTHON" benchmarks/bench_inference.py --device cuda \
+            --output-dir "$OUT/bench_inference"
+    fi
+    run_step gemma_2_2b_full_width "$PYTHON" benchmarks/gemma_2_2b_full_width.py --device cuda
+    if ((N_GPUS >= 2)); then
+        # torchrun is torch.distributed.run; the venv's Python runs it, so no PATH lookup can pick another torch.
+        run_step ddp_tiny "$PYTHON" -m torch.distributed.run --nproc-per-node 2 -m sae_lens_hierarchical compare \
+            --preset tiny-random --device cuda --output-dir "$OUT/ddp_tiny" --downstream-tokens 0 \
+            --cache-dir "$CACHE_ROOT/ddp"
+    fi
 else
-    skip_step gemma_2_2b_full_width "$FULL_WIDTH takes no --device (or its --help failed)"
-fi
-
-# --- 5. end to end on one GPU, then data-parallel on two -------------------------------------------------------------
-
-run_step compare_tiny "${CLI[@]}" compare --preset tiny-random --device cuda --output-dir "$OUT/compare_tiny" \
-    --downstream-tokens 0 --cache-dir "$CACHE_ROOT/one_gpu"
-run_step ddp_nccl_one_gpu "$PYTHON" benchmarks/ddp_nccl_check.py  # the data-parallel trainer over NCCL vs SAETrainer
-if ((N_GPUS >= 2)); then
-    # torchrun is torch.distributed.run; the venv's Python runs it, so no PATH lookup can pick another torch.
-    run_step ddp_tiny "$PYTHON" -m torch.distributed.run --nproc-per-node 2 -m sae_lens_hierarchical compare \
-        --preset tiny-random --device cuda --output-dir "$OUT/ddp_tiny" --downstream-tokens 0 \
-        --cache-dir "$CACHE_ROOT/ddp"
-else
-    skip_step ddp_tiny "needs 2 GPUs; nvidia-smi -L lists $N_GPUS"
+    skip_step extras "ddp_nccl_one_gpu, bench_inference, gemma_2_2b_full_width, ddp_tiny: set GPU_EXTRA=1"
 fi
 
 # --- 6. summary ------------------------------------------------------------------------------------------------------
@@ -345,13 +364,14 @@ fi
             "${NOTES[i]//|//}"
     done
     echo
-    if [[ -f $BENCH_MD ]]; then
-        echo "Step benchmark: ${BENCH_MD#"$OUT"/} (and .json beside it). Its targets:"
+    for bench_md in "$OUT"/bench_step/bench_step_cuda*.md; do
+        [[ -f $bench_md ]] || continue
+        echo "Step benchmark: ${bench_md#"$OUT"/} (and .json beside it). Its targets:"
         echo
-        sed -n '/^Targets/,$p' "$BENCH_MD"
-    else
-        echo "Step benchmark: no report was written (see bench_step.log)."
-    fi
+        sed -n '/^Targets/,$p' "$bench_md"
+        echo
+    done
+    [[ -f $OUT/sync_check.json ]] && { echo "Host synchronisations in the step:"; cat "$OUT/sync_check.json"; echo; }
     echo
     if ((FAILED)); then
         echo "Result: at least one step FAILED (exit status 1)."
