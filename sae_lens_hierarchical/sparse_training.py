@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from sae_lens_hierarchical.losses import triton_available
+from sae_lens_hierarchical.accelerators import triton_available
 
 
 def scatter_outer_products(

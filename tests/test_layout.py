@@ -1,4 +1,5 @@
-"""The package's shape: no import cycle, no private name crossing modules, every module importable on its own."""
+"""The package's shape: no import cycle (function-level imports included), no private name crossing modules, every
+module importable on its own."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 PACKAGE = "sae_lens_hierarchical"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
+BENCHMARKS = ROOT.parent / "benchmarks"
 
 
 def module_names() -> dict[str, Path]:
@@ -20,11 +22,9 @@ def module_names() -> dict[str, Path]:
     return names
 
 
-def top_level_imports(path: Path, modules: dict[str, Path]) -> list[tuple[str, str]]:
-    """``(imported package module, imported name or '')`` for each import at module level (function bodies excluded:
-    a deferred import is how a module reaches one that builds on it)."""
+def _imports(nodes: list[ast.stmt] | list[ast.AST], modules: dict[str, Path]) -> list[tuple[str, str]]:
     found = []
-    for node in ast.parse(path.read_text()).body:
+    for node in nodes:
         if isinstance(node, ast.Import):
             found += [(alias.name, "") for alias in node.names if alias.name.startswith(PACKAGE)]
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(PACKAGE):
@@ -34,9 +34,59 @@ def top_level_imports(path: Path, modules: dict[str, Path]) -> list[tuple[str, s
     return found
 
 
-def import_graph() -> dict[str, set[str]]:
+def top_level_imports(path: Path, modules: dict[str, Path]) -> list[tuple[str, str]]:
+    """``(imported package module, imported name or '')`` for each import at module level."""
+    return _imports(ast.parse(path.read_text()).body, modules)
+
+
+def all_imports(source: str, modules: dict[str, Path]) -> list[tuple[str, str]]:
+    """The same for every import, inside functions and methods too: a deferred import is still a dependency."""
+    return _imports(list(ast.walk(ast.parse(source))), modules)
+
+
+def import_graph(sources: dict[str, str] | None = None) -> dict[str, set[str]]:
+    """``{module: modules it imports}`` over every import of the package and of ``benchmarks/`` (or of ``sources``,
+    ``{module name: source}``)."""
     modules = module_names()
-    return {name: {target for target, _ in top_level_imports(path, modules)} for name, path in modules.items()}
+    if sources is None:
+        sources = {name: path.read_text() for name, path in modules.items()}
+        sources |= {f"benchmarks.{path.stem}": path.read_text() for path in sorted(BENCHMARKS.glob("*.py"))}
+    known = {**modules, **dict.fromkeys(sources, Path())}
+    return {
+        name: {target for target, _ in all_imports(source, known) if target != name} for name, source in sources.items()
+    }
+
+
+def strongly_connected(graph: dict[str, set[str]]) -> list[set[str]]:
+    """Every set of two or more modules that import one another in a circle (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[set[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in sorted(graph.get(node, ())):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = set()
+            while True:
+                member = stack.pop()
+                component.add(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(component)
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -62,15 +112,48 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+# The one circle left (issue 28, open): the SAE's export methods (to_topk, to_jumprelu, save_as_*) call the export
+# layer, which, with the evaluations it uses, builds on the architecture. It may shrink, never grow; no other may
+# appear.
+KNOWN_CIRCLE = {
+    f"{PACKAGE}.{name}"
+    for name in (
+        "evaluation.budgets",
+        "evaluation.downstream",
+        "evaluation.metrics",
+        "evaluation.thresholds",
+        "hierarchical_topk_sae",
+        "loading",
+        "sharing",
+    )
+}
+
+
 def test_the_cycle_finder_finds_a_cycle() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a"}}) is None
+    assert strongly_connected({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
+
+
+def test_a_function_level_import_closes_a_circle() -> None:
+    """A planted cycle whose back edge is an import inside a function: the module-level graph misses it, the full
+    graph does not."""
+    planted = {
+        f"{PACKAGE}.planted_a": f"from {PACKAGE}.planted_b import helper\n",
+        f"{PACKAGE}.planted_b": f"def helper():\n    from {PACKAGE}.planted_a import thing\n    return thing\n",
+    }
+    graph = import_graph(planted)
+    assert find_cycle(graph) == [f"{PACKAGE}.planted_a", f"{PACKAGE}.planted_b", f"{PACKAGE}.planted_a"]
+    module_level = {name: {t for t, _ in _imports(ast.parse(src).body, {})} for name, src in planted.items()}
+    assert find_cycle(module_level) is None
 
 
 def test_no_import_cycle() -> None:
+    """No circle in the graph of all imports, function-level ones included, but the known one, which may not grow."""
     graph = import_graph()
     assert len(graph) > 15, sorted(graph)  # the walk saw the whole package
-    assert find_cycle(graph) is None
+    circles = strongly_connected(graph)
+    assert [sorted(circle) for circle in circles if not circle <= KNOWN_CIRCLE] == []
 
 
 def test_no_private_name_crosses_modules() -> None:

@@ -18,7 +18,7 @@ from sae_lens import SAE
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from sae_lens_hierarchical.interpretability.dashboard import (
+from sae_lens_hierarchical.interpretability.latent_statistics import (
     LATENTS_DIRNAME,
     SUMMARY_FILENAME,
     LatentStatistics,

@@ -25,11 +25,11 @@ from typing import Any, NamedTuple
 
 import torch
 
+from sae_lens_hierarchical.accelerators import triton_available
 from sae_lens_hierarchical.losses._common import (
     TRITON_DTYPES,
     HierarchicalMSE,
     check_levels,
-    triton_available,
     uniform_level_weights,
     validate_level_weights,
     validate_levels,

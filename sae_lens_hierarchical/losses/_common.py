@@ -140,13 +140,3 @@ def input_gradients(
 
 # Input dtypes the Triton kernels take (they accumulate in float32, so float64 stays on the torch path).
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@functools.cache
-def triton_available() -> bool:
-    """Whether triton can be imported (checked once; the package itself never needs it)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
