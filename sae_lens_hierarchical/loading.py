@@ -16,7 +16,7 @@ from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from sae_lens.registry import SAE_CLASS_REGISTRY
 from safetensors import SafetensorError
 
-from sae_lens_hierarchical.hierarchical_topk_sae import ARCHITECTURE
+from sae_lens_hierarchical.serving import ARCHITECTURE
 
 
 def _looks_local(source: str | Path) -> bool:

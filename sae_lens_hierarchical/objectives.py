@@ -20,6 +20,7 @@ import re
 from typing import Any
 
 from sae_lens_hierarchical.evaluation.budgets import default_budgets
+from sae_lens_hierarchical.losses import uniform_level_weights, validate_level_weights, validate_levels
 
 OBJECTIVE_PATTERNS = (
     "uniform",
@@ -103,3 +104,15 @@ def _weights_with_k_share(n_levels: int, share: float) -> list[float]:
     if n_levels == 1:
         return [share]
     return [(1 - share) / (n_levels - 1)] * (n_levels - 1) + [share]
+
+
+def resolve_levels(k: int, hierarchy_levels: list[int] | None) -> list[int]:
+    """The budgets J whose errors the loss sums; default every budget 1..K (the paper's choice)."""
+    return list(range(1, k + 1)) if hierarchy_levels is None else validate_levels(k, hierarchy_levels)
+
+
+def resolve_level_weights(levels: list[int], hierarchy_weights: list[float] | None) -> list[float]:
+    """Per-level weights; default uniform 1/|J|. Given weights are used as is (not renormalised)."""
+    if hierarchy_weights is None:
+        return uniform_level_weights(levels)
+    return validate_level_weights(levels, hierarchy_weights)

@@ -1,10 +1,9 @@
-"""Share a HierarchicalTopK SAE: export one budget as a plain SAELens SAE, and publish on the Hugging Face Hub.
+"""Share a HierarchicalTopK SAE on the Hugging Face Hub, with its exports.
 
 SAELens has no plugin discovery, so a ``"hierarchical_topk"`` SAE loads only where this package is installed and
-imported. :func:`to_topk` / :func:`save_as_topk` turn the SAE at one budget k into SAELens's own ``"topk"``
-architecture, and :func:`to_jumprelu` / :func:`save_as_jumprelu` the SAE served by one threshold (any mean L0) into
-SAELens's ``"jumprelu"``, the form BatchTopK SAEs are saved in and Neuronpedia, SAEBench and sae_dashboard read; both
-load with SAELens alone (``SAE.load_from_disk`` / ``SAE.from_pretrained``). :func:`upload` publishes the SAE,
+imported. The exports (:mod:`sae_lens_hierarchical.exports`, re-exported here: :func:`to_topk` / :func:`save_as_topk`
+for one budget k as SAELens's own ``"topk"``, :func:`to_jumprelu` / :func:`save_as_jumprelu` for one threshold as
+``"jumprelu"``) load with SAELens alone. :func:`upload` publishes the SAE,
 optionally with such exports, through SAELens's ``upload_saes_to_huggingface`` (one folder per SAE id) plus a model
 card; ``dry_run`` writes exactly the files the upload would commit into a local folder.
 """
@@ -13,9 +12,7 @@ from __future__ import annotations
 
 import io
 import json
-import math
-from collections.abc import Iterable, Mapping, Sequence
-from importlib.metadata import PackageNotFoundError, version
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
@@ -25,240 +22,45 @@ import torch
 from huggingface_hub import HfApi
 from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
-from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
-from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 from sae_lens.training import upload_saes_to_huggingface as sae_lens_upload
 
 from sae_lens_hierarchical._files import check_new_directory, write_new_directory
-from sae_lens_hierarchical.budget import Budget, validate_k, validate_threshold
-from sae_lens_hierarchical.conversion import sae_with_weights
-from sae_lens_hierarchical.evaluation.metrics import evaluate_budgets
-from sae_lens_hierarchical.evaluation.thresholds import calibrate_threshold
-from sae_lens_hierarchical.hierarchical_topk_sae import (
-    ARCHITECTURE,
-    HierarchicalTopKSAE,
-    HierarchicalTopKTrainingSAE,
-    resolve_level_weights,
-    resolve_levels,
+from sae_lens_hierarchical.exports import (
+    EXPORT_METADATA_KEY,
+    check_budgets,
+    hierarchy_of,
+    kept_counts,
+    save_as_jumprelu,
+    save_as_topk,
+    save_as_topk_variants,
+    share_over_k,
+    to_jumprelu,
+    to_topk,
 )
+from sae_lens_hierarchical.hierarchical_topk_sae import HierarchicalTopKSAE, HierarchicalTopKTrainingSAE
 from sae_lens_hierarchical.loading import load_sae
+from sae_lens_hierarchical.serving import ARCHITECTURE
+
+__all__ = [
+    "EXPORT_METADATA_KEY",
+    "FolderRepo",
+    "check_budgets",
+    "hierarchy_of",
+    "kept_counts",
+    "model_card",
+    "save_as_jumprelu",
+    "save_as_topk",
+    "save_as_topk_variants",
+    "share_over_k",
+    "to_jumprelu",
+    "to_topk",
+    "upload",
+]
 
 HierarchicalSAE = HierarchicalTopKSAE | HierarchicalTopKTrainingSAE
 
-EXPORT_METADATA_KEY = "hierarchical_topk_export"
 MODEL_CARD_FILENAME = "README.md"
 PER_K_FILENAME = "per_k.md"
-
-
-# --- Export at one budget k as SAELens's "topk" -----------------------------------------------------------------
-
-
-def hierarchy_of(sae: HierarchicalSAE) -> tuple[list[int] | None, list[float] | None]:
-    """The levels and level weights the SAE was trained with; ``(None, None)`` when nothing records them.
-
-    A training SAE has them on its config; a saved (inference) SAE keeps them in
-    ``cfg.metadata.training_architecture_details``, where ``null`` means the defaults (every budget 1..K, uniform).
-    """
-    if isinstance(sae, HierarchicalTopKTrainingSAE):
-        return sae.cfg.levels, sae.cfg.level_weights
-    details = sae.cfg.metadata.get("training_architecture_details")
-    if not isinstance(details, dict) or "hierarchy_levels" not in details:
-        return None, None
-    levels = resolve_levels(sae.cfg.k, details["hierarchy_levels"])
-    return levels, resolve_level_weights(levels, details.get("hierarchy_weights"))
-
-
-def to_topk(sae: HierarchicalSAE, k: int, *, source: str | None = None) -> TopKSAE:
-    """SAELens's own ``TopKSAE`` that computes what ``sae`` computes at budget ``k``: same encode, decode, forward.
-
-    The weights are copied (``sae`` is left untouched). When ``rescale_acts_by_decoder_norm`` is set (SAELens's TopK
-    training default; an in-memory training SAE still has unnormalised decoder rows), the decoder norms are folded
-    into ``W_enc``/``b_enc``/``W_dec`` exactly as SAELens's TopK save does, and the flag is then turned off: the
-    weights alone define the exported SAE, so tools that ignore the flag read it correctly too. Agreement with
-    ``sae.encode(x, k=k)`` is to float rounding (folding reorders a few multiplications), so two pre-activations
-    within rounding of each other at the k-th place could in principle swap; ``sae`` itself is then no more certain.
-
-    Half precision: folding rounds the exported weights, so the export's pre-activations differ from ``sae``'s by a
-    rounding step, and two values at the k-th and (k+1)-th places that are within that step can swap. In float32 and
-    float64 no token was seen to differ (tested); in bfloat16 and float16 some do, always where the two values are
-    within a few units of rounding of each other (tested: within 4 eps): measured on a random 512-latent SAE at k = 4
-    and 16, 4-12% of tokens in bfloat16 and 0.7-1.3% in float16 keep another latent at the k-th place, with
-    reconstructions that differ by that one latent's contribution. Export ``sae.to(torch.float32)`` where that matters.
-
-    ``cfg.metadata[EXPORT_METADATA_KEY]`` records the source (``source``: a path or repo id, when known), K, k and the
-    hierarchy levels and weights.
-    """
-    _check_exportable(sae, "to_topk")
-    k = validate_k(k, sae.cfg.k)
-    cfg_dict = _inference_cfg_dict(sae)
-    metadata = {**cfg_dict["metadata"], EXPORT_METADATA_KEY: _export_record(sae, source, k=k)}
-    cfg = TopKSAEConfig.from_dict({**cfg_dict, "architecture": "topk", "k": k, "metadata": metadata})
-    topk = sae_with_weights(TopKSAE, cfg, {name: tensor.detach().clone() for name, tensor in sae.state_dict().items()})
-    if cfg.rescale_acts_by_decoder_norm:
-        topk.fold_W_dec_norm()
-        topk.cfg.rescale_acts_by_decoder_norm = False
-    return topk
-
-
-def _check_exportable(sae: Any, action: str) -> None:
-    if not isinstance(sae, HierarchicalTopKSAE | HierarchicalTopKTrainingSAE):
-        raise ValueError(
-            f"{action} exports a {ARCHITECTURE} SAE (HierarchicalTopKSAE or HierarchicalTopKTrainingSAE); "
-            f"got {type(sae).__name__}"
-        )
-
-
-def _inference_cfg_dict(sae: HierarchicalSAE) -> dict[str, Any]:
-    """What SAELens would save for this SAE (a training SAE's inference config keeps training details in metadata)."""
-    if isinstance(sae, HierarchicalTopKTrainingSAE):
-        return sae.cfg.get_inference_sae_cfg_dict()
-    return sae.cfg.to_dict()
-
-
-def _export_record(sae: HierarchicalSAE, source: str | None, **budget: Any) -> dict[str, Any]:
-    """``cfg.metadata[EXPORT_METADATA_KEY]`` of an export: where it came from, K, the budget, the hierarchy."""
-    levels, weights = hierarchy_of(sae)
-    return {
-        "source_architecture": ARCHITECTURE,
-        "source": source,
-        "K": sae.cfg.k,
-        **budget,
-        "hierarchy_levels": levels,
-        "hierarchy_weights": weights,
-        "exported_by": f"sae-lens-hierarchical {_package_version()}",
-    }
-
-
-def save_as_topk(sae: HierarchicalSAE, path: str | Path, k: int, *, source: str | None = None) -> Path:
-    """Write :func:`to_topk` ``(sae, k)`` to the new directory ``path`` in SAELens format; returns ``path``.
-
-    The files are written to a scratch directory beside ``path`` and renamed into place at the end, so ``path`` holds
-    either the whole SAE or nothing. An existing non-empty ``path`` is refused (nothing is overwritten).
-    """
-    topk = to_topk(sae, k, source=source)
-    return write_new_directory(path, topk.save_model)
-
-
-def save_as_topk_variants(
-    sae: HierarchicalSAE, path: str | Path, ks: Sequence[int], *, source: str | None = None
-) -> dict[int, Path]:
-    """One TopK SAE per budget, ``path/k_<k>``, written all at once like :func:`save_as_topk`."""
-    ks = check_budgets(ks, sae.cfg.k)
-
-    def write(directory: Path) -> None:
-        for k in ks:  # one export in memory at a time
-            to_topk(sae, k, source=source).save_model(directory / f"k_{k}")
-
-    write_new_directory(path, write)
-    return {k: Path(path) / f"k_{k}" for k in ks}
-
-
-def check_budgets(ks: Iterable[int], max_k: int) -> list[int]:
-    """``ks`` as a list after checking each is in 1..K and none repeats (one ``ValueError`` naming the value)."""
-    checked: list[int] = []
-    for k in ks:
-        if validate_k(k, max_k) in checked:
-            raise ValueError(f"budget k={k} is given twice; each k in 1..K={max_k} at most once")
-        checked.append(k)
-    if not checked:
-        raise ValueError(f"at least one budget k in 1..K={max_k} is needed")
-    return checked
-
-
-# --- Export served by one threshold as SAELens's "jumprelu" ----------------------------------------------------
-
-
-def to_jumprelu(
-    sae: HierarchicalSAE,
-    threshold: float,
-    *,
-    source: str | None = None,
-    calibration: dict[str, Any] | None = None,
-) -> JumpReLUSAE:
-    """SAELens's own ``JumpReLUSAE`` that computes what ``sae.encode(x, threshold=threshold)`` computes, except the
-    K cap: a JumpReLU SAE keeps *every* latent above its threshold, so a token with more than K activations >= θ
-    keeps more than K latents there (:func:`tokens_over_k` measures how often). Everywhere else it agrees to float
-    rounding: decoder norms are folded into the weights as in :func:`to_topk`, every latent gets the threshold just
-    below θ (JumpReLU keeps ``> threshold``, serving by threshold keeps ``>= θ``), and decoding is the same sum.
-
-    ``calibration`` (how θ was chosen: target mean L0, tokens, share over K) is recorded with the source in
-    ``cfg.metadata[EXPORT_METADATA_KEY]``. ``sae`` is left untouched.
-    """
-    _check_exportable(sae, "to_jumprelu")
-    threshold = validate_threshold(threshold)
-    topk = to_topk(sae, sae.cfg.k, source=source)  # the folded weights
-    cfg_dict = _inference_cfg_dict(sae)
-    record = _export_record(sae, source, threshold=threshold, calibration=calibration)
-    metadata = {**cfg_dict["metadata"], EXPORT_METADATA_KEY: record}
-    cfg = JumpReLUSAEConfig.from_dict({**cfg_dict, "architecture": "jumprelu", "metadata": metadata})
-    state = topk.state_dict()
-    # JumpReLU keeps ``> threshold``; serving keeps ``>= θ`` (θ in the SAE's dtype, as its comparisons round it):
-    # the next float below θ makes the two the same test.
-    theta = torch.full_like(state["b_enc"], threshold)
-    state["threshold"] = torch.nextafter(theta, torch.full_like(theta, -math.inf))
-    return sae_with_weights(JumpReLUSAE, cfg, state)
-
-
-@torch.no_grad()
-def share_over_k(export: JumpReLUSAE, activations: torch.Tensor, max_k: int, batch_size: int = 1024) -> float:
-    """The share of tokens of ``activations`` ``[tokens, d_in]`` on which the JumpReLU ``export`` keeps more than
-    ``max_k`` latents: there it differs from the HierarchicalTopK SAE it came from, which caps every token at K."""
-    over = 0
-    for start in range(0, activations.shape[0], batch_size):
-        x = activations[start : start + batch_size].to(export.device, export.dtype)
-        over += int(((export.encode(x) > 0).sum(dim=-1) > max_k).sum())
-    return over / activations.shape[0]
-
-
-# A threshold below every activation that matters: the export keeps all positive activations.
-_SMALLEST_THRESHOLD = 1e-30
-
-
-def save_as_jumprelu(
-    sae: HierarchicalSAE,
-    path: str | Path,
-    *,
-    threshold: float | None = None,
-    mean_l0: float | None = None,
-    activations: torch.Tensor | None = None,
-    source: str | None = None,
-) -> Path:
-    """Write :func:`to_jumprelu` to the new directory ``path`` (atomically, never over an existing one); returns it.
-
-    Give ``threshold``, or ``mean_l0`` with ``activations`` ``[tokens, d_in]`` (held-out, special tokens removed) to
-    calibrate it on: the threshold at which the *export* has that mean L0 there. It keeps every activation above
-    it, K cap or not, so where many tokens would exceed K this threshold is higher than the one that gives the capped
-    SAE the same mean L0. With activations, the metadata also records the mean L0 reached there and the share of
-    tokens over K (:func:`share_over_k`).
-    """
-    if (threshold is None) == (mean_l0 is None):
-        raise ValueError(f"give exactly one of threshold and mean_l0; got threshold={threshold}, mean_l0={mean_l0}")
-    if mean_l0 is not None and activations is None:
-        raise ValueError("mean_l0 needs activations to calibrate the threshold on")
-    _check_exportable(sae, "save_as_jumprelu")
-    check_new_directory(path)
-    calibration = None
-    if activations is not None:
-        if threshold is None:
-            uncapped = to_jumprelu(sae, _SMALLEST_THRESHOLD)  # every positive activation: what the export ranks
-            threshold = calibrate_threshold(uncapped, activations, mean_l0)  # type: ignore[arg-type]
-        probe = to_jumprelu(sae, threshold, source=source)
-        reached = float(evaluate_budgets(probe, activations, [Budget()], progress=False)[0].l0)
-        calibration = {
-            "mean_l0_target": mean_l0,
-            "tokens": activations.shape[0],
-            "mean_l0": reached,
-            "share_of_tokens_over_K": share_over_k(probe, activations, sae.cfg.k),
-        }
-    export = to_jumprelu(sae, threshold, source=source, calibration=calibration)  # type: ignore[arg-type]
-    return write_new_directory(path, export.save_model)
-
-
-def _package_version() -> str:
-    try:
-        return version("sae-lens-hierarchical")
-    except PackageNotFoundError:  # run from a source tree without installing
-        return "unknown"
 
 
 # --- Publishing on the Hub ---------------------------------------------------------------------------------------

@@ -171,3 +171,24 @@ def sparse_activations(top_acts: torch.Tensor, top_indices: torch.Tensor, d_sae:
     positions = torch.unravel_index(tokens, leading) if len(leading) else ()
     indices = torch.stack([*positions, columns.reshape(-1)])
     return torch.sparse_coo_tensor(indices, values, (*leading, d_sae), is_coalesced=True, check_invariants=False)
+
+
+def encoder_product(centered: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) -> torch.Tensor:
+    """``centered @ W_enc + b_enc``, with the bias riding on the product (``addmm``) instead of a second pass over
+    ``[tokens, d_sae]``; under autocast as SAELens computes it, since ``addmm`` would round the bias to half too."""
+    if torch.is_autocast_enabled(centered.device.type):
+        return centered @ W_enc + b_enc
+    flat = torch.addmm(b_enc, centered.reshape(-1, centered.shape[-1]), W_enc)
+    return flat.reshape(*centered.shape[:-1], -1)
+
+
+def dead_latent_indices(dead_neuron_mask: torch.Tensor | None, d_sae: int, device: torch.device) -> torch.Tensor:
+    """Indices of the dead latents (empty when there is no mask); one host sync, as SAELens's own count."""
+    if dead_neuron_mask is None:
+        return torch.empty(0, dtype=torch.long, device=device)
+    if dead_neuron_mask.dtype != torch.bool or tuple(dead_neuron_mask.shape) != (d_sae,):
+        raise ValueError(
+            f"dead_neuron_mask must be a bool tensor of shape ({d_sae},) (one flag per latent); got "
+            f"{dead_neuron_mask.dtype} of shape {tuple(dead_neuron_mask.shape)}"
+        )
+    return dead_neuron_mask.nonzero().reshape(-1).to(device)

@@ -112,20 +112,16 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-# The one circle left (issue 28, open): the SAE's export methods (to_topk, to_jumprelu, save_as_*) call the export
-# layer, which, with the evaluations it uses, builds on the architecture. It may shrink, never grow; no other may
-# appear.
-KNOWN_CIRCLE = {
-    f"{PACKAGE}.{name}"
-    for name in (
-        "evaluation.budgets",
-        "evaluation.downstream",
-        "evaluation.metrics",
-        "evaluation.thresholds",
-        "hierarchical_topk_sae",
-        "loading",
-        "sharing",
-    )
+# Lines a module may have (SAELens's own measure: its topk_sae.py is 594), and the modules still above it (issue 28,
+# open): each may shrink, never grow, and leaves this list once it fits.
+MAX_LINES, MAX_ARCHITECTURE_LINES = 450, 600
+OVERSIZED = {
+    "benchmarks/bench_step.py": 915,
+    f"{PACKAGE}/cli.py": 740,
+    f"{PACKAGE}/jobs/compare.py": 651,
+    f"{PACKAGE}/interpretability/absorption.py": 564,
+    f"{PACKAGE}/interpretability/probing.py": 511,
+    f"{PACKAGE}/interpretability/documents.py": 486,
 }
 
 
@@ -149,11 +145,24 @@ def test_a_function_level_import_closes_a_circle() -> None:
 
 
 def test_no_import_cycle() -> None:
-    """No circle in the graph of all imports, function-level ones included, but the known one, which may not grow."""
+    """No circle in the graph of all imports, function-level ones included."""
     graph = import_graph()
     assert len(graph) > 15, sorted(graph)  # the walk saw the whole package
-    circles = strongly_connected(graph)
-    assert [sorted(circle) for circle in circles if not circle <= KNOWN_CIRCLE] == []
+    assert [sorted(circle) for circle in strongly_connected(graph)] == []
+
+
+def test_module_sizes() -> None:
+    """Every module of the package and benchmarks/ within MAX_LINES (the architecture within MAX_ARCHITECTURE_LINES),
+    except the listed ones, which may not grow."""
+    repo = ROOT.parent
+    over = {}
+    for path in sorted([*ROOT.rglob("*.py"), *BENCHMARKS.glob("*.py")]):
+        name = path.relative_to(repo).as_posix()
+        limit = MAX_ARCHITECTURE_LINES if name == f"{PACKAGE}/hierarchical_topk_sae.py" else MAX_LINES
+        lines = len(path.read_text().splitlines())
+        if lines > OVERSIZED.get(name, limit):
+            over[name] = lines
+    assert over == {}
 
 
 def test_no_private_name_crosses_modules() -> None:

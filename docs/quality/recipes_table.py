@@ -47,14 +47,17 @@ def main() -> None:
     ratios: dict[str, dict[float, list[float]]] = {}
     seeds = []
     for seed_dir in sorted(recipes.glob("seed*")):
+        if not (baselines / seed_dir.name / "baselines" / "comparison.json").exists():
+            print(f"{seed_dir.name}: no baselines run, left out", file=sys.stderr)
+            continue
         reference = topk_fvu(baselines / seed_dir.name / "baselines" / "comparison.json")
         seeds.append(seed_dir.name)
-        lines = {"uniform (default, search.sh): by k": {}}
+        lines = {"uniform (default, the baselines run): by k": {}}
         for sae in json.loads((baselines / seed_dir.name / "baselines" / "comparison.json").read_text())[
             "saes"
         ].values():
             if sae["family"] == "hierarchical":
-                lines["uniform (default, search.sh): by k"] = {float(r["k"]): r["fvu"] for r in sae["results"]}
+                lines["uniform (default, the baselines run): by k"] = {float(r["k"]): r["fvu"] for r in sae["results"]}
         for run_dir in sorted(seed_dir.iterdir()):
             lines |= recipe_lines(run_dir / "comparison.json", run_dir.name)
         for line, budgets in lines.items():

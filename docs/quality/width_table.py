@@ -141,6 +141,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     axis.axhline(TARGET, color="grey", linewidth=0.8, linestyle="--")
     axis.set(xscale="log", xlabel="d_sae", ylabel="FVU ratio: HierarchicalTopK / TopK trained at k")
     axis.set_xticks(widths, [f"{width:,}" for width in widths])
+    axis.minorticks_off()  # the log axis's own minor labels would overprint the widths
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()

@@ -19,7 +19,7 @@ from sae_lens import SAE
 from sae_lens.saes.jumprelu_sae import JumpReLUSAE
 
 from sae_lens_hierarchical.budget import Budget, validate_k
-from sae_lens_hierarchical.hierarchical_topk_sae import VariableKMixin, decode_rows
+from sae_lens_hierarchical.serving import VariableKMixin, decode_rows
 
 
 def max_budget(sae: SAE[Any]) -> int | None:

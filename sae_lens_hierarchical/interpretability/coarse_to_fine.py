@@ -36,6 +36,7 @@ import torch
 from sae_lens import SAE
 from scipy.stats import spearmanr
 
+from sae_lens_hierarchical.budget import validate_k
 from sae_lens_hierarchical.evaluation.budgets import (
     default_budgets,
     lower_median_rank,
@@ -43,7 +44,6 @@ from sae_lens_hierarchical.evaluation.budgets import (
     rank_histogram,
     ranked_latents,
 )
-from sae_lens_hierarchical.hierarchical_topk_sae import validate_k
 from sae_lens_hierarchical.interpretability.documents import TOPIC_TASK, LabelledDocuments
 from sae_lens_hierarchical.interpretability.probing import format_spread
 

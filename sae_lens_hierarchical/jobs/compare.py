@@ -1,6 +1,5 @@
-"""The baseline suite: HierarchicalTopK against the SAE family researchers train (TopK at each k, truncated TopK,
-BatchTopK at each k, Matryoshka BatchTopK, Multi-TopK) trained in lockstep on identical activations, with resumable
-checkpoints, then evaluated by k and by mean L0 and reported side by side."""
+"""The baseline suite: HierarchicalTopK against the SAE family researchers train (TopK and BatchTopK at each k, TopK
+truncated, Matryoshka, Multi-TopK) in lockstep on identical activations, evaluated by k and by mean L0, side by side."""
 
 from __future__ import annotations
 
@@ -57,7 +56,7 @@ from sae_lens_hierarchical.jobs.common import (
     finish_job,
     prepare_embedded_activations,
 )
-from sae_lens_hierarchical.jobs.hierarchicalize import check_source_fits, load_source
+from sae_lens_hierarchical.jobs.hierarchicalize import check_source_fits, fine_tune_overrides, load_source
 from sae_lens_hierarchical.jobs.overrides import apply_overrides
 from sae_lens_hierarchical.jobs.train import streamed_dataset
 from sae_lens_hierarchical.loading import load_sae
@@ -237,7 +236,8 @@ def run_comparison_job(
         parallel: this process's place in a torchrun job: every SAE of the suite is trained data-parallel (each rank
             on its share of the corpus and of every batch); rank 0 alone writes, evaluates and reports.
         init_from: a pretrained SAE (SAELens or sparsify directory) every HierarchicalTopK SAE starts from: a
-            hierarchical fine-tune on the suite's batches; its width and K set the suite's (one process).
+            hierarchical fine-tune on the suite's batches, at the fine-tune learning rate unless ``lr`` is set (one
+            trainer: the whole suite); its width and K set the suite's (one process).
     """
     check_output_dir(output_dir, overwrite)
     if n_checkpoints < 0:
@@ -247,7 +247,8 @@ def run_comparison_job(
     eval_tokens = eval_tokens or preset.eval_tokens
     downstream_tokens = preset.downstream_eval_tokens if downstream_tokens is None else downstream_tokens
     check_objectives(objectives, overrides or {})
-    cfg = apply_overrides(preset.runner_config(None, training_tokens=training_tokens, seed=seed), overrides or {})
+    overrides = fine_tune_overrides(preset, overrides or {}) if init_from is not None else overrides or {}
+    cfg = apply_overrides(preset.runner_config(None, training_tokens=training_tokens, seed=seed), overrides)
     device = parallel.device(device)
     cfg = replace_runner_config(cfg, device=device)
     initial_sae = source_record = None
@@ -255,7 +256,8 @@ def run_comparison_job(
         if parallel.active:
             raise ValueError("compare --init-from runs in one process (not under a multi-process torchrun)")
         source, source_record = load_source(init_from, device=device)
-        check_source_fits(source, preset, overrides or {})
+        source_record["fine_tuning_lr"] = cfg.lr
+        check_source_fits(source, preset, overrides)
         source_k = check_convertible(source, None) or cfg.sae.k
         cfg = replace_runner_config(cfg, sae=replace(cfg.sae, k=source_k, d_sae=source.cfg.d_sae))
         initial_sae = (source, source_record)
@@ -303,13 +305,11 @@ def run_comparison_job(
                 )
             title = f"{preset.model_name} {preset.hook_name}: {training_tokens:,} tokens, d_sae {cfg.sae.d_sae}"
             write_comparison_report(results, members, scratch, title, mean_l0_results)
-        job = {"preset": preset.name, "overrides": overrides or {}, "training_tokens": training_tokens}
+        job = {"preset": preset.name, "overrides": overrides, "training_tokens": training_tokens}
         job |= {"eval_tokens": eval_tokens, "downstream_tokens": downstream_tokens, "seed": seed}
         job |= {"budgets": budgets, "baselines": list(baselines), "objectives": objectives}
-        if source_record is not None:
-            job["init_from"] = source_record
-        if parallel.active:
-            job["data_parallel_processes"] = parallel.world_size
+        job |= {} if source_record is None else {"init_from": source_record}
+        job |= {"data_parallel_processes": parallel.world_size} if parallel.active else {}
         seconds = finish_job(scratch, output_dir, job, started)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return ComparisonJobResult(output_dir, results, seconds, mean_l0_results)

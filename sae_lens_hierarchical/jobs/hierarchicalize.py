@@ -34,6 +34,16 @@ from sae_lens_hierarchical.presets import Preset
 
 # Tokens of the training activations that choose K for a JumpReLU source (its L0 percentile there).
 CALIBRATION_TOKENS = 20_000
+# A fine-tune's learning rate is the preset's from-scratch one divided by this. A fresh Adam moves every parameter by
+# about the learning rate each step, coherently: at the embedded preset's 2e-3, 58 steps took a trained TopK SAE's FVU
+# at K from 0.033 to 2.3 (worse than predicting the mean). docs/quality.md, section 8, has the rates tried.
+FINE_TUNE_LR_DIVISOR = 40
+
+
+def fine_tune_overrides(preset: Preset, overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` with the fine-tune learning rate (the preset's over :data:`FINE_TUNE_LR_DIVISOR`) unless they
+    set ``lr`` themselves."""
+    return {"lr": preset.lr / FINE_TUNE_LR_DIVISOR, **overrides}
 
 
 def load_source(source: str | Path, sae_id: str | None = None, device: str = "cpu") -> tuple[SAE[Any], dict[str, Any]]:
@@ -92,7 +102,8 @@ def run_hierarchicalize_job(
     ``training_tokens`` of ``preset``'s activations with SAELens's runner; write the SAE and its per-k report.
 
     The fine-tune uses the preset's training settings and SAE options (levels, AuxK, normalisation) with ``overrides``
-    on top; the source fixes the width, K and conventions. With the preset's ``expected_average_only_in``, the
+    on top, at a learning rate :data:`FINE_TUNE_LR_DIVISOR` times lower than the preset's unless ``overrides`` set
+    ``lr``; the source fixes the width, K and conventions. With the preset's ``expected_average_only_in``, the
     converted weights are put in the units of a scaling factor estimated as SAELens does on the training activations,
     the trainer uses that factor, and folds it back at the end. The saved SAE's metadata records the source (name,
     ``sae_id``, file hashes, how K was chosen) and the fine-tuning tokens.
@@ -101,6 +112,7 @@ def run_hierarchicalize_job(
     overrides = overrides or {}
     sae, record = load_source(source, sae_id, device)
     check_source_fits(sae, preset, overrides)
+    overrides = fine_tune_overrides(preset, overrides)
     training_tokens = training_tokens or preset.training_tokens
     cfg = apply_overrides(preset.runner_config(None, training_tokens=training_tokens, seed=seed), overrides)
     settings = {
@@ -125,6 +137,7 @@ def run_hierarchicalize_job(
         **{**settings, "normalize_activations": "none", "device": device},
     )
     getattr(converted.cfg.metadata, SOURCE_METADATA_KEY)["fine_tuning_tokens"] = training_tokens
+    getattr(converted.cfg.metadata, SOURCE_METADATA_KEY)["fine_tuning_lr"] = cfg.lr
     scaling_factor = None
     if settings.get("normalize_activations") == "expected_average_only_in":
         scaling_factor = _scaling_factor(train, cfg.train_batch_size_tokens * cfg.n_batches_for_norm_estimate)
