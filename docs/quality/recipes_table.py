@@ -1,10 +1,10 @@
-"""Recipes against the price at K, at the search size: each recipe's HierarchicalTopK SAE, served by k and by threshold,
-against the TopK SAEs trained at each k on the same batches (same seed), FVU ratio mean ± half the range over seeds.
+"""Recipes against the price at K: each recipe's HierarchicalTopK SAE, served by k and by threshold, against the TopK
+SAEs trained at each k on the same batches (same seed), FVU ratio mean ± half the range over seeds.
 
 Usage: python docs/quality/recipes_table.py BASELINES_DIR RECIPES_DIR OUTPUT_STEM
 BASELINES_DIR holds seed<S>/baselines/comparison.json (docs/quality/search.sh: TopK at 4, 8, 16, 32 and the uniform
-HierarchicalTopK); RECIPES_DIR holds seed<S>/<run>/comparison.json (docs/quality/recipes.sh). Writes OUTPUT_STEM.md and
-OUTPUT_STEM.json.
+HierarchicalTopK) or seed<S>/comparison.json (docs/quality/family.sh, at the preset's size); RECIPES_DIR holds
+seed<S>/<run>/comparison.json (docs/quality/recipes.sh, recipes_preset.sh). Writes OUTPUT_STEM.md and OUTPUT_STEM.json.
 """
 
 from __future__ import annotations
@@ -28,6 +28,15 @@ def topk_fvu(path: Path) -> dict[int, float]:
     return fvu
 
 
+def baselines_json(baselines: Path, seed: str) -> Path | None:
+    """A seed's baselines run: ``seed<S>/baselines/comparison.json`` (search.sh) or ``seed<S>/comparison.json`` (a
+    family run, family.sh); None when neither exists."""
+    for path in (baselines / seed / "baselines" / "comparison.json", baselines / seed / "comparison.json"):
+        if path.exists():
+            return path
+    return None
+
+
 def recipe_lines(path: Path, run: str) -> dict[str, dict[float, float]]:
     """``{line: {budget: FVU}}`` of every HierarchicalTopK SAE of a run, by k and by threshold."""
     lines: dict[str, dict[float, float]] = {}
@@ -47,15 +56,14 @@ def main() -> None:
     ratios: dict[str, dict[float, list[float]]] = {}
     seeds = []
     for seed_dir in sorted(recipes.glob("seed*")):
-        if not (baselines / seed_dir.name / "baselines" / "comparison.json").exists():
+        baselines_run = baselines_json(baselines, seed_dir.name)
+        if baselines_run is None:
             print(f"{seed_dir.name}: no baselines run, left out", file=sys.stderr)
             continue
-        reference = topk_fvu(baselines / seed_dir.name / "baselines" / "comparison.json")
+        reference = topk_fvu(baselines_run)
         seeds.append(seed_dir.name)
         lines = {"uniform (default, the baselines run): by k": {}}
-        for sae in json.loads((baselines / seed_dir.name / "baselines" / "comparison.json").read_text())[
-            "saes"
-        ].values():
+        for sae in json.loads(baselines_run.read_text())["saes"].values():
             if sae["family"] == "hierarchical":
                 lines["uniform (default, the baselines run): by k"] = {float(r["k"]): r["fvu"] for r in sae["results"]}
         for run_dir in sorted(seed_dir.iterdir()):
