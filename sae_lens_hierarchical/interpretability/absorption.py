@@ -86,7 +86,7 @@ from sae_lens_hierarchical.interpretability.first_letter import (
     check_range,
     f1,
 )
-from sae_lens_hierarchical.interpretability.probing import format_mean_spread
+from sae_lens_hierarchical.interpretability.spread import format_mean_spread, spread
 
 FIRING_EPS = 1e-8  # SAEBench's EPS: a latent with |activation| below this does not fire
 # scikit-learn >= 1.8 asks for l1_ratio=1 where older versions take penalty="l1".
@@ -474,9 +474,8 @@ def aggregate_absorption(runs: Sequence[AbsorptionResults]) -> list[dict[str, fl
         at_k = [run.at(k) for run in runs]
         row: dict[str, float] = {"k": k, "n_runs": len(runs)}
         for metric, _, _ in _METRICS:
-            values = [getattr(result, metric) for result in at_k]
-            row[metric] = float(np.mean(values))
-            row[f"{metric}_half_range"] = (max(values) - min(values)) / 2
+            summary = spread([getattr(result, metric) for result in at_k])
+            row[metric], row[f"{metric}_half_range"] = summary.mean, summary.half_range
         row["n_letters_scored"] = float(np.mean([result.n_letters_scored for result in at_k]))
         rows.append(row)
     return rows

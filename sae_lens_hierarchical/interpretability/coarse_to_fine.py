@@ -45,7 +45,7 @@ from sae_lens_hierarchical.evaluation.budgets import (
     ranked_latents,
 )
 from sae_lens_hierarchical.interpretability.documents import TOPIC_TASK, LabelledDocuments
-from sae_lens_hierarchical.interpretability.probing import format_spread
+from sae_lens_hierarchical.interpretability.spread import format_spread
 
 DEFAULT_TOP_DOCUMENTS = 20
 

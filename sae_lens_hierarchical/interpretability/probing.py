@@ -60,6 +60,7 @@ from sklearn.linear_model import LogisticRegression
 
 from sae_lens_hierarchical.evaluation.budgets import ranked_latents, resolve_budgets
 from sae_lens_hierarchical.interpretability.documents import LabelledDocuments, ProbingTask
+from sae_lens_hierarchical.interpretability.spread import Spread, spread
 
 DEFAULT_NS = (1, 2, 5, 20)
 # SAEBench's probe: scikit-learn's defaults (L2, C = 1.0, lbfgs) with more iterations.
@@ -103,13 +104,8 @@ class ProbeScore:
     unconverged: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class ScoreSummary:
-    """One (task, k, n) over several results (seeds, or several SAEs of one family): mean and half the range."""
-
-    mean: float
-    half_range: float
-    runs: int
+# One (task, k, n) over several results (seeds, or several SAEs of one family): mean and half the range.
+ScoreSummary = Spread
 
 
 @dataclass(frozen=True)
@@ -358,7 +354,7 @@ def summarize_probing(
         for score in [*result.ceiling, *result.scores]:
             values.setdefault((score.task, score.k, score.n), []).append(score.accuracy)
     return {
-        key: ScoreSummary(float(np.mean(v)), float(max(v) - min(v)) / 2, len(v))
+        key: spread(v)
         for key, v in sorted(values.items(), key=_key_order)
     }
 
@@ -496,16 +492,4 @@ def _key_order(item: tuple[tuple[str, int | None, int | None], Any]) -> tuple[st
 
 
 def _cell(summary: ScoreSummary | None) -> str:
-    return "" if summary is None else format_mean_spread(summary.mean, summary.half_range, summary.runs)
-
-
-def format_spread(values: Sequence[float], digits: int = 3) -> str:
-    """``mean`` of one value, ``mean ± half the range`` of several (how the README reports seeds), "" of none."""
-    if not values:
-        return ""
-    return format_mean_spread(float(np.mean(values)), (max(values) - min(values)) / 2, len(values), digits)
-
-
-def format_mean_spread(mean: float, half_range: float, runs: float, digits: int = 3) -> str:
-    """``mean`` of a single run, ``mean ± half_range`` of several: the one cell format of every seed table."""
-    return f"{mean:.{digits}f}" if runs < 2 else f"{mean:.{digits}f} ± {half_range:.{digits}f}"
+    return "" if summary is None else summary.cell()
