@@ -104,6 +104,8 @@ def ratio_table(merged: dict[str, dict[int, list[float]]]) -> list[str]:
 
 def plot(merged: dict[str, dict[int, list[float]]], path: Path, seeds: list[str]) -> None:
     figure, axis = plt.subplots(figsize=(8, 5))
+    palette = plt.get_cmap("tab20").colors
+    axis.set_prop_cycle(color=[*palette[::2], *palette[1::2]])  # 20 distinct colours: no two lines share one
     for line, values in merged.items():
         ks = sorted(values)
         style = "--" if line.startswith("from scratch,") else "-"
