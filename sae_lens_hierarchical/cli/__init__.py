@@ -6,7 +6,7 @@ sae-lens-hierarchical train --preset tiny-random --set sae.k=8 --set lr=1e-3
 sae-lens-hierarchical train --config runner_cfg.json   # any SAELens runner config (architecture in it)
 sae-lens-hierarchical cache --preset gemma-3-270m      # only cache activations
 sae-lens-hierarchical evaluate results/gemma-3-270m/sae --ks 1,4,16,64 --mean-l0 2,8
-sae-lens-hierarchical compare                    # HTopK vs TopK at each k, truncated TopK, Multi-TopK
+sae-lens-hierarchical compare                    # HTopK vs TopK, BatchTopK, Matryoshka, Multi-TopK by k and mean L0
 torchrun --nproc-per-node 2 -m sae_lens_hierarchical train --preset tiny-random   # data-parallel (also compare)
 sae-lens-hierarchical export results/gemma-3-270m/sae --k 16 topk_k16  # a plain SAELens TopK SAE at k=16
 sae-lens-hierarchical export results/gemma-3-270m/sae --mean-l0 16 jumprelu_l0_16  # JumpReLU, any mean L0
