@@ -26,7 +26,7 @@ from sae_lens_hierarchical.evaluation.budgets import (
     with_global_threshold_lifted,
 )
 from sae_lens_hierarchical.evaluation.downstream import downstream_metrics
-from sae_lens_hierarchical.evaluation.thresholds import ranking_values, thresholds_for_mean_l0
+from sae_lens_hierarchical.evaluation.thresholds import largest_mean_l0, ranking_values, thresholds_for_mean_l0
 from sae_lens_hierarchical.loading import load_sae
 
 
@@ -187,7 +187,7 @@ def evaluate_over_mean_l0(
     targets = sorted(mean_l0s)
     calibration = activations if calibration_activations is None else calibration_activations
     values = ranking_values(sae, calibration, batch_size)
-    largest = len(values) / calibration.shape[0]
+    largest = largest_mean_l0(values, calibration.shape[0])
     if unreachable == "skip" and (skipped := [target for target in targets if target > largest]):
         warnings.warn(
             f"mean L0 targets {skipped} skipped: the SAE keeps a mean L0 of {largest:.4g} without a threshold on "

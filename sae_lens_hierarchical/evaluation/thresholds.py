@@ -35,11 +35,17 @@ def ranking_values(
     return torch.cat(values).sort(descending=True).values
 
 
+def largest_mean_l0(values: torch.Tensor, n_tokens: int) -> float:
+    """The largest mean L0 a threshold can give: every ranking value of ``n_tokens`` tokens kept (the SAE without a
+    threshold, K cap included)."""
+    return len(values) / n_tokens
+
+
 def thresholds_for_mean_l0(values: torch.Tensor, n_tokens: int, mean_l0s: Sequence[float]) -> list[float]:
     """For each target mean L0, the θ among ``values`` (descending, from :func:`ranking_values` of ``n_tokens``
     tokens) whose count of values >= θ is nearest ``target * n_tokens``; one ``ValueError`` for a target outside
-    ``(0, len(values) / n_tokens]``."""
-    largest = len(values) / n_tokens
+    ``(0, largest_mean_l0]``."""
+    largest = largest_mean_l0(values, n_tokens)
     if not len(values):
         raise ValueError("the SAE activates no latent on these activations; no threshold gives a mean L0 above 0")
     # Counts reachable by a threshold: at the last position of each run of equal values.

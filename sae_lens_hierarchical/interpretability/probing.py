@@ -353,10 +353,7 @@ def summarize_probing(
     for result in results:
         for score in [*result.ceiling, *result.scores]:
             values.setdefault((score.task, score.k, score.n), []).append(score.accuracy)
-    return {
-        key: spread(v)
-        for key, v in sorted(values.items(), key=_key_order)
-    }
+    return {key: spread(v) for key, v in sorted(values.items(), key=_key_order)}
 
 
 def format_probing_table(
