@@ -237,9 +237,9 @@ def test_auto_on_cpu_runs_the_torch_fused_path_and_matches_the_float64_loop(monk
 
 
 def test_triton_loss_without_triton_says_how_to_install_it(monkeypatch) -> None:
-    from sae_lens_hierarchical import losses
+    from sae_lens_hierarchical.losses import triton_loader
 
-    monkeypatch.setattr(losses, "triton_available", lambda: False)
+    monkeypatch.setattr(triton_loader, "triton_available", lambda: False)
     problem = random_problem((2,), 4, 10, 3, torch.float32, seed=0)
     with pytest.raises(ImportError, match=r"pip install 'sae-lens-hierarchical\[gpu\]'"):
         HIERARCHICAL_LOSSES["triton"](**problem, levels=[3], level_weights=[1.0])

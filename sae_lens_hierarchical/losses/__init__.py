@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -36,23 +36,11 @@ from sae_lens_hierarchical.losses._common import (
 )
 from sae_lens_hierarchical.losses.fused import default_tiling, hierarchical_mse_fused
 from sae_lens_hierarchical.losses.reference import hierarchical_mse_reference
+from sae_lens_hierarchical.losses.triton_loader import hierarchical_mse_triton
 
 HierarchicalLossFn = Callable[..., HierarchicalMSE]
 
 # --- Triton kernels and the automatic choice ------------------------------------------------------------
-
-
-def hierarchical_mse_triton(*args: Any, **kwargs: Any) -> HierarchicalMSE:
-    """Memory-flat loss in Triton kernels, for CUDA tensors: see :mod:`sae_lens_hierarchical.losses.triton_kernels`.
-
-    Same arguments and result as :func:`hierarchical_mse_fused`. Imported on first use, so that everything else
-    works without triton installed.
-    """
-    if not triton_available():
-        raise ImportError("the Triton loss needs triton: pip install 'sae-lens-hierarchical[gpu]'")
-    from sae_lens_hierarchical.losses.triton_kernels import hierarchical_mse_triton as triton_loss
-
-    return triton_loss(*args, **kwargs)
 
 
 # Device types the Triton kernels are compiled for (the self-check's tests simulate a GPU by adding "cpu").

@@ -19,12 +19,12 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from sae_lens_hierarchical.losses._common import HierarchicalMSE
 from sae_lens_hierarchical.losses.fused import hierarchical_mse_fused
+from sae_lens_hierarchical.losses.triton_loader import hierarchical_mse_triton
 from sae_lens_hierarchical.sparse_training import scatter_outer_products
 from sae_lens_hierarchical.triton_sparse import scatter_outer_products_triton
 
@@ -90,14 +90,6 @@ def as_device(device: torch.device | str) -> torch.device:
     if resolved.type == "cuda" and resolved.index is None:
         resolved = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
     return resolved
-
-
-def hierarchical_mse_triton(*args: Any, **kwargs: Any) -> HierarchicalMSE:
-    """The Triton loss the check runs, imported when it runs (triton is optional; the check is asked only where it
-    imports)."""
-    from sae_lens_hierarchical.losses.triton_kernels import hierarchical_mse_triton as triton_loss
-
-    return triton_loss(*args, **kwargs)
 
 
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
