@@ -256,8 +256,9 @@ def _number(name: str, value: Any, kind: str) -> float:
         raise ValueError(f"{name} must be {kind}; got {value!r}") from None
 
 
-# Runner fields a saved config carries from its own run, which a rerun does not inherit.
-_PER_RUN_FIELDS = {
+# Runner fields (dotted below the top level) that differ between runs of the same job without changing what it trains:
+# a rerun does not inherit them from a saved config, and a resumed run may differ in them from its checkpoint.
+PER_RUN_FIELDS = {
     "device",
     "llm_device",
     "act_store_device",
@@ -289,7 +290,7 @@ def job_from_runner_config(
         overrides = {
             name: value
             for name, value in _differences(cfg, reference, prefix="").items()
-            if name not in _PER_RUN_FIELDS and name not in OWNED_FIELDS and name not in FLAG_FIELDS
+            if name not in PER_RUN_FIELDS and name not in OWNED_FIELDS and name not in FLAG_FIELDS
         }
         return preset, overrides, cfg.training_tokens, cfg.seed
     return None

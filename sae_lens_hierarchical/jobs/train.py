@@ -35,7 +35,7 @@ from sae_lens_hierarchical.jobs.common import (
     wandb_environment,
     write_report,
 )
-from sae_lens_hierarchical.jobs.overrides import apply_overrides
+from sae_lens_hierarchical.jobs.overrides import PER_RUN_FIELDS, apply_overrides
 from sae_lens_hierarchical.loading import load_sae
 from sae_lens_hierarchical.presets import Preset, replace_runner_config
 
@@ -114,7 +114,7 @@ def run_training_job(
     job |= {"eval_tokens": eval_tokens, "downstream_tokens": downstream_tokens, "seed": seed}
     # A preempted run leaves a checkpoint here; the same job run again resumes from it (SAELens's resume).
     checkpoint_dir = output_dir.parent / f".{output_dir.name}.checkpoints"
-    settings = json_safe({name: value for name, value in cfg.to_dict().items() if name not in _PER_RUN_FIELDS})
+    settings = json_safe({name: value for name, value in cfg.to_dict().items() if name not in PER_RUN_FIELDS})
     start = {"initial_sae": initial_sae, "scaling_factor": scaling_factor, "checkpoint_dir": checkpoint_dir}
     resume_from = latest_checkpoint(checkpoint_dir, settings) if not parallel.active else None
     if resume_from is not None:
@@ -146,17 +146,6 @@ def run_training_job(
         seconds = finish_job(scratch, output_dir, job, started)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return TrainingJobResult(output_dir, output_dir / SAE_DIRNAME, results, seconds)
-
-
-# Runner fields that differ between a run and its resumption without changing what it trains.
-_PER_RUN_FIELDS = (
-    "device",
-    "llm_device",
-    "act_store_device",
-    "output_path",
-    "checkpoint_path",
-    "resume_from_checkpoint",
-)
 
 
 def _run_sae_lens_runner(
