@@ -1,5 +1,6 @@
-"""The jobs behind the CLI: train one SAE with SAELens's runner (:mod:`.train`), or the baseline suite in lockstep
-(:mod:`.compare`); shared plumbing (cached activations, overrides, reports, results directories) in :mod:`.common`."""
+"""The jobs behind the CLI: train one SAE with SAELens's runner (:mod:`.train`), or compare HierarchicalTopK with its
+baselines (:mod:`.compare`: the suite's members in :mod:`.suite`, trained in lockstep by :mod:`.lockstep`); shared
+plumbing (cached activations, overrides, reports, results directories) in :mod:`.common`."""
 
 from __future__ import annotations
 
@@ -9,17 +10,10 @@ from sae_lens_hierarchical.jobs.common import (
     prepare_embedded_activations,
     write_report,
 )
-from sae_lens_hierarchical.jobs.compare import (
-    BASELINES,
-    ComparisonJobResult,
-    SuiteMember,
-    baseline_suite,
-    run_comparison_job,
-    shuffled_batches,
-    train_suite,
-    write_comparison_report,
-)
+from sae_lens_hierarchical.jobs.compare import ComparisonJobResult, run_comparison_job, write_comparison_report
+from sae_lens_hierarchical.jobs.lockstep import shuffled_batches, train_suite
 from sae_lens_hierarchical.jobs.overrides import apply_overrides
+from sae_lens_hierarchical.jobs.suite import BASELINES, SuiteMember, baseline_suite
 from sae_lens_hierarchical.jobs.train import SAE_DIRNAME, TrainingJobResult, run_training_job
 
 __all__ = [

@@ -21,6 +21,7 @@ import torch
 import wandb
 from datasets import Dataset
 from sae_lens import SAE
+from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.util import get_special_token_ids
 from transformer_lens import HookedTransformer
 
@@ -261,6 +262,20 @@ def finish_job(scratch: Path, output_dir: Path, job: dict[str, Any], started: fl
     (scratch / "job.json").write_text(json.dumps({**job, "seconds": round(seconds, 1)}, indent=2))
     move_into_place(scratch, output_dir)
     return seconds
+
+
+def into_estimated_units(saes: list[Any], first_batches: Iterator[torch.Tensor], d_in: int, n_batches: int) -> float:
+    """Put SAEs that take raw activations (a converted pretrained SAE) into the units of SAELens's
+    ``expected_average_only_in`` factor, estimated by SAELens's own ``ActivationScaler`` from the ``n_batches``
+    ``[tokens, d_in]`` batches its trainer reads first, so that the trainer's estimate and the weights agree; the
+    trainer folds the factor back into the weights at the end. Returns the factor."""
+    scaler = ActivationScaler()
+    scaler.estimate_scaling_factor(d_in, first_batches, n_batches)
+    assert scaler.scaling_factor is not None
+    for sae in saes:
+        sae.fold_activation_norm_scaling_factor(1 / scaler.scaling_factor)
+        sae.cfg.normalize_activations = "expected_average_only_in"
+    return scaler.scaling_factor
 
 
 def check_output_dir(output_dir: Path, overwrite: bool) -> None:

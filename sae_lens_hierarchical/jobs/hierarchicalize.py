@@ -8,11 +8,9 @@ converts, that its width fits the preset's hook, that no override changes what t
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
-import torch
 from sae_lens import SAE
 
 from sae_lens_hierarchical.conversion import (
@@ -26,7 +24,7 @@ from sae_lens_hierarchical.conversion import (
 )
 from sae_lens_hierarchical.data.activation_cache import DEFAULT_CACHE_ROOT
 from sae_lens_hierarchical.hierarchical_topk_sae import HierarchicalTopKTrainingSAE, HierarchicalTopKTrainingSAEConfig
-from sae_lens_hierarchical.jobs.common import check_output_dir, prepare_embedded_activations
+from sae_lens_hierarchical.jobs.common import check_output_dir, into_estimated_units, prepare_embedded_activations
 from sae_lens_hierarchical.jobs.overrides import apply_overrides
 from sae_lens_hierarchical.jobs.train import TrainingJobResult, run_training_job
 from sae_lens_hierarchical.loading import load_sae
@@ -140,9 +138,9 @@ def run_hierarchicalize_job(
     getattr(converted.cfg.metadata, SOURCE_METADATA_KEY)["fine_tuning_lr"] = cfg.lr
     scaling_factor = None
     if settings.get("normalize_activations") == "expected_average_only_in":
-        scaling_factor = _scaling_factor(train, cfg.train_batch_size_tokens * cfg.n_batches_for_norm_estimate)
-        converted.fold_activation_norm_scaling_factor(1 / scaling_factor)  # now takes activations times the factor
-        converted.cfg.normalize_activations = "expected_average_only_in"
+        batch_size, n_batches = cfg.train_batch_size_tokens, cfg.n_batches_for_norm_estimate
+        first = iter(train[: batch_size * n_batches].split(batch_size))
+        scaling_factor = into_estimated_units([converted], first, cfg.sae.d_in, n_batches)
     return run_training_job(
         preset,
         output_dir,
@@ -163,9 +161,3 @@ def run_hierarchicalize_job(
 
 
 _TRAINING_FIELDS = {field for field in HierarchicalTopKTrainingSAEConfig.__dataclass_fields__ if field != "metadata"}
-
-
-def _scaling_factor(activations: torch.Tensor, n_tokens: int) -> float:
-    """SAELens's ``expected_average_only_in`` factor, sqrt(d_in) / mean norm, over the first ``n_tokens`` rows."""
-    mean_norm = float(activations[:n_tokens].double().norm(dim=-1).mean())
-    return math.sqrt(activations.shape[-1]) / mean_norm
