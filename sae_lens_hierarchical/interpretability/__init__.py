@@ -5,13 +5,9 @@ SAEBench's and sae_dashboard's published definitions, implemented here: neither 
 sae-lens 6.54 (they pin older transformer-lens / datasets / numpy).
 """
 
-from sae_lens_hierarchical.interpretability.absorption import (
-    AbsorptionConfig,
-    AbsorptionResults,
-    absorption_over_k,
-    format_absorption_table,
-    plot_absorption,
-)
+from sae_lens_hierarchical.interpretability.absorption import AbsorptionConfig, absorption_over_k
+from sae_lens_hierarchical.interpretability.absorption_report import format_absorption_table, plot_absorption
+from sae_lens_hierarchical.interpretability.absorption_results import AbsorptionResults
 from sae_lens_hierarchical.interpretability.coarse_to_fine import (
     CoarseToFine,
     coarse_to_fine,
