@@ -21,13 +21,9 @@ from sae_lens_hierarchical.interpretability.dashboard import (
 )
 from sae_lens_hierarchical.interpretability.documents import DocumentSpec, LabelledDocuments, labelled_documents
 from sae_lens_hierarchical.interpretability.first_letter import FirstLetterProbe, FirstLetterTask, first_letter_probe
-from sae_lens_hierarchical.interpretability.probing import (
-    SparseProbingResults,
-    format_probing_table,
-    plot_sparse_probing,
-    residual_probing,
-    sparse_probing,
-)
+from sae_lens_hierarchical.interpretability.probing import residual_probing, sparse_probing
+from sae_lens_hierarchical.interpretability.probing_report import format_probing_table, plot_sparse_probing
+from sae_lens_hierarchical.interpretability.probing_results import SparseProbingResults
 
 __all__ = [
     "AbsorptionConfig",
