@@ -19,7 +19,8 @@ from sae_lens_hierarchical.interpretability.dashboard import (
     collect_latent_statistics,
     latent_dashboard,
 )
-from sae_lens_hierarchical.interpretability.documents import DocumentSpec, LabelledDocuments, labelled_documents
+from sae_lens_hierarchical.interpretability.document_selection import DocumentSpec
+from sae_lens_hierarchical.interpretability.documents import LabelledDocuments, labelled_documents
 from sae_lens_hierarchical.interpretability.first_letter import FirstLetterProbe, FirstLetterTask, first_letter_probe
 from sae_lens_hierarchical.interpretability.probing import residual_probing, sparse_probing
 from sae_lens_hierarchical.interpretability.probing_report import format_probing_table, plot_sparse_probing

@@ -58,7 +58,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
 from sae_lens_hierarchical.evaluation.budgets import ranked_latents, resolve_budgets
-from sae_lens_hierarchical.interpretability.documents import LabelledDocuments, ProbingTask
+from sae_lens_hierarchical.interpretability.document_selection import ProbingTask
+from sae_lens_hierarchical.interpretability.documents import LabelledDocuments
 from sae_lens_hierarchical.interpretability.probing_report import (
     figure_sparse_probing,
     format_probing_table,
