@@ -5,13 +5,9 @@ SAEBench's and sae_dashboard's published definitions, implemented here: neither 
 sae-lens 6.54 (they pin older transformer-lens / datasets / numpy).
 """
 
-from sae_lens_hierarchical.interpretability.absorption import (
-    AbsorptionConfig,
-    AbsorptionResults,
-    absorption_over_k,
-    format_absorption_table,
-    plot_absorption,
-)
+from sae_lens_hierarchical.interpretability.absorption import AbsorptionConfig, absorption_over_k
+from sae_lens_hierarchical.interpretability.absorption_report import format_absorption_table, plot_absorption
+from sae_lens_hierarchical.interpretability.absorption_results import AbsorptionResults
 from sae_lens_hierarchical.interpretability.coarse_to_fine import (
     CoarseToFine,
     coarse_to_fine,
@@ -23,15 +19,12 @@ from sae_lens_hierarchical.interpretability.dashboard import (
     collect_latent_statistics,
     latent_dashboard,
 )
-from sae_lens_hierarchical.interpretability.documents import DocumentSpec, LabelledDocuments, labelled_documents
+from sae_lens_hierarchical.interpretability.document_selection import DocumentSpec
+from sae_lens_hierarchical.interpretability.documents import LabelledDocuments, labelled_documents
 from sae_lens_hierarchical.interpretability.first_letter import FirstLetterProbe, FirstLetterTask, first_letter_probe
-from sae_lens_hierarchical.interpretability.probing import (
-    SparseProbingResults,
-    format_probing_table,
-    plot_sparse_probing,
-    residual_probing,
-    sparse_probing,
-)
+from sae_lens_hierarchical.interpretability.probing import residual_probing, sparse_probing
+from sae_lens_hierarchical.interpretability.probing_report import format_probing_table, plot_sparse_probing
+from sae_lens_hierarchical.interpretability.probing_results import SparseProbingResults
 
 __all__ = [
     "AbsorptionConfig",

@@ -5,8 +5,10 @@ some S-words, because a more specific latent (a token latent for " short", say) 
 SAEBench's ``absorption_first_letter`` eval turns this into two scores. ``sae-bench`` cannot be installed beside
 sae-lens 6.54, so its published definition is implemented here (no code copied) and applied to any TopK-family SAE
 at each budget k (:func:`sae_lens_hierarchical.evaluation.latent_activations`). This module scores an SAE against a
-first-letter probe and reports the scores; the words, prompts, cached activations and the probe itself, which need no
-SAE, are :mod:`sae_lens_hierarchical.interpretability.first_letter`'s.
+first-letter probe. Elsewhere: the words, prompts, cached activations and the probe itself, which need no SAE
+(:mod:`sae_lens_hierarchical.interpretability.first_letter`); the records it returns
+(:mod:`~sae_lens_hierarchical.interpretability.absorption_results`); their tables and plots
+(:mod:`~sae_lens_hierarchical.interpretability.absorption_report`).
 
 The definition implemented
 --------------------------
@@ -67,8 +69,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -80,13 +81,22 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from sae_lens_hierarchical.evaluation.budgets import latent_activations, resolve_budgets
+from sae_lens_hierarchical.interpretability.absorption_report import (
+    aggregate_absorption,
+    format_absorption_table,
+    plot_absorption,
+)
+from sae_lens_hierarchical.interpretability.absorption_results import (
+    AbsorptionAtK,
+    AbsorptionResults,
+    LetterAbsorption,
+)
 from sae_lens_hierarchical.interpretability.first_letter import (
     LETTERS,
     FirstLetterProbe,
     check_range,
     f1,
 )
-from sae_lens_hierarchical.interpretability.spread import format_mean_spread, spread
 
 FIRING_EPS = 1e-8  # SAEBench's EPS: a latent with |activation| below this does not fire
 # scikit-learn >= 1.8 asks for l1_ratio=1 where older versions take penalty="l1".
@@ -142,70 +152,6 @@ class AbsorptionConfig:
         check_range("max_absorbing_latents", self.max_absorbing_latents, 1, 1000, integer=True)
         if not isinstance(self.subtract_b_dec, bool):
             raise ValueError(f"subtract_b_dec must be True or False; got {self.subtract_b_dec!r}")
-
-
-@dataclass(frozen=True)
-class LetterAbsorption:
-    """One letter at one budget: its main latents (and their k-sparse probe's held-out F1), the number of held-out
-    words of the letter that the probe calls that letter, and the absorption among them."""
-
-    letter: str
-    main_latents: list[int]
-    main_f1: float
-    n_probe_true_positives: int
-    n_full_absorption: int
-    full_absorption_rate: float
-    mean_absorption_fraction: float
-
-
-@dataclass(frozen=True)
-class AbsorptionAtK:
-    """Absorption at budget ``k``: means over the ``n_letters_scored`` letters (see the module docstring).
-
-    ``mean_main_f1`` is the main latents' k-sparse probe F1: how well any latents at this budget track letters at
-    all (absorption is only meaningful where they do).
-    """
-
-    k: int
-    full_absorption_rate: float
-    absorption_fraction: float
-    mean_split_features: float
-    mean_main_f1: float
-    n_letters_scored: int
-    letters: list[LetterAbsorption] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class AbsorptionResults:
-    """An SAE's absorption at each budget, with the probe it was measured against; JSON via ``to_dict``."""
-
-    model_name: str
-    hook_name: str
-    probe_accuracy: float
-    probe_letter_f1: list[float]
-    n_train_words: int
-    n_test_words: int
-    main_latents: str
-    subtract_b_dec: bool
-    per_k: list[AbsorptionAtK]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, payload: Mapping[str, Any]) -> AbsorptionResults:
-        per_k = [
-            AbsorptionAtK(**{**row, "letters": [LetterAbsorption(**letter) for letter in row["letters"]]})
-            for row in payload["per_k"]
-        ]
-        return cls(**{**payload, "per_k": per_k})
-
-    def at(self, k: int) -> AbsorptionAtK:
-        """The results at budget ``k``."""
-        for row in self.per_k:
-            if row.k == k:
-                return row
-        raise ValueError(f"k must be one of the evaluated budgets {[row.k for row in self.per_k]}; got {k!r}")
 
 
 def latent_probe_projections(sae: SAE[Any], directions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -448,103 +394,6 @@ def absorption_for_saes(
         name: absorption_over_k(sae, probe, ks, config, progress)
         for name, (sae, ks) in tqdm(saes.items(), desc="SAEs", disable=not progress)
     }
-
-
-# ---- aggregation, table, plot --------------------------------------------------------------------------------
-
-# (field of AbsorptionAtK, table label, plot axis label)
-_METRICS = (
-    ("full_absorption_rate", "full absorption", "full absorption rate (lower is better)"),
-    ("absorption_fraction", "absorption fraction", "mean absorption fraction (lower is better)"),
-    ("mean_main_f1", "main-latent F1", "main latents' k-sparse probe F1"),
-)
-
-
-def aggregate_absorption(runs: Sequence[AbsorptionResults]) -> list[dict[str, float]]:
-    """Per budget evaluated in every run (e.g. seeds): each metric's mean and half its range, and the letter count.
-
-    Rows: ``{"k", "<metric>", "<metric>_half_range", ..., "n_letters_scored" (mean), "n_runs"}`` for the metrics
-    ``full_absorption_rate``, ``absorption_fraction`` and ``mean_main_f1``.
-    """
-    if not runs:
-        raise ValueError("runs must hold at least one AbsorptionResults; got none")
-    common = sorted(set.intersection(*({row.k for row in run.per_k} for run in runs)))
-    rows = []
-    for k in common:
-        at_k = [run.at(k) for run in runs]
-        row: dict[str, float] = {"k": k, "n_runs": len(runs)}
-        for metric, _, _ in _METRICS:
-            summary = spread([getattr(result, metric) for result in at_k])
-            row[metric], row[f"{metric}_half_range"] = summary.mean, summary.half_range
-        row["n_letters_scored"] = float(np.mean([result.n_letters_scored for result in at_k]))
-        rows.append(row)
-    return rows
-
-
-def _as_runs(
-    results: Mapping[str, AbsorptionResults | Sequence[AbsorptionResults]],
-) -> dict[str, list[dict[str, float]]]:
-    return {
-        name: aggregate_absorption([value] if isinstance(value, AbsorptionResults) else list(value))
-        for name, value in results.items()
-    }
-
-
-def format_absorption_table(results: Mapping[str, AbsorptionResults | Sequence[AbsorptionResults]]) -> str:
-    """Markdown, one row per budget and three columns per SAE (full absorption rate, absorption fraction, and the
-    main latents' k-sparse probe F1, which says whether any latent tracks letters at that budget).
-
-    ``results`` maps a name to one run or to several (seeds), shown as mean +- half the range. The letter counts
-    scored are given per SAE in the last column.
-    """
-    aggregated = _as_runs(results)
-    names = list(aggregated)
-    ks = sorted({row["k"] for rows in aggregated.values() for row in rows})
-    header = ["k"] + [f"{label}: {name}" for _, label, _ in _METRICS for name in names]
-    lines = ["| " + " | ".join(header) + " | letters scored |", "|" + "---:|" * (len(header) + 1)]
-    for k in ks:
-        by_name = {name: next((row for row in rows if row["k"] == k), None) for name, rows in aggregated.items()}
-        cells = [str(int(k))]
-        for metric, _, _ in _METRICS:
-            for name in names:
-                row = by_name[name]
-                cells.append(
-                    "" if row is None else format_mean_spread(row[metric], row[f"{metric}_half_range"], row["n_runs"])
-                )
-        counts = ", ".join("" if row is None else f"{row['n_letters_scored']:.0f}" for row in by_name.values())
-        lines.append("| " + " | ".join(cells) + f" | {counts} |")
-    return "\n".join(lines)
-
-
-def plot_absorption(
-    results: Mapping[str, AbsorptionResults | Sequence[AbsorptionResults]],
-    path: str | Path,
-    title: str = "Feature absorption (first-letter task)",
-) -> Path:
-    """A PNG at ``path``: full absorption rate, absorption fraction and main-latent F1 against k (log-x), one line per
-    SAE, error bars of half the range over runs. Built without pyplot (no global state, any backend)."""
-    from matplotlib.figure import Figure
-
-    aggregated = _as_runs(results)
-    figure = Figure(figsize=(14, 3.8))
-    axes = figure.subplots(1, len(_METRICS))
-    for axis, (metric, _, label) in zip(axes, _METRICS, strict=True):
-        for name, rows in aggregated.items():
-            ks = [row["k"] for row in rows]
-            axis.errorbar(
-                ks, [row[metric] for row in rows], yerr=[row[f"{metric}_half_range"] for row in rows],
-                marker="o", capsize=3, label=name,
-            )  # fmt: skip
-        all_ks = sorted({row["k"] for rows in aggregated.values() for row in rows})
-        axis.set(xscale="log", xlabel="budget k", ylabel=label, ylim=(0, None))
-        axis.set_xticks(all_ks, [str(int(k)) for k in all_ks])
-        axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    figure.suptitle(title)
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=120)
-    return path
 
 
 __all__ = [

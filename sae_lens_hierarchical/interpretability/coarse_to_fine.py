@@ -44,7 +44,8 @@ from sae_lens_hierarchical.evaluation.budgets import (
     rank_histogram,
     ranked_latents,
 )
-from sae_lens_hierarchical.interpretability.documents import TOPIC_TASK, LabelledDocuments
+from sae_lens_hierarchical.interpretability.document_selection import TOPIC_TASK
+from sae_lens_hierarchical.interpretability.documents import LabelledDocuments
 from sae_lens_hierarchical.interpretability.spread import format_spread
 
 DEFAULT_TOP_DOCUMENTS = 20

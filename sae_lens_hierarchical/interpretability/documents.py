@@ -6,17 +6,10 @@ block 6 on 2 CPU cores), so the activations are computed once per (model, hook, 
 float16 under ``DEFAULT_CACHE_ROOT/labelled_documents``. SAEs are then scored from the cache alone: pass the model's
 name instead of the model (:func:`labelled_documents`) and the model is never loaded.
 
-The documents, from the embedded Wikipedia corpus (:func:`~sae_lens_hierarchical.data.corpora.wikipedia_dataset`):
-
-- **topic task**: ``docs_per_topic`` English leads from each of the eleven topics (``"Uncategorized"`` left out),
-  drawn at random with ``seed``;
-- **language task**: ``docs_per_language`` leads per language (en/es/fr); the English ones are a random subset of
-  the topic task's documents, so they cost no extra forward pass.
-
-Within each task and class the first ``round(test_fraction * n)`` documents of the seeded draw are held out for
-testing. Defaults: 150 per topic and 300 per language, 128 tokens (BOS included, as SAEBench's ``context_length``),
-25% held out: 2,250 documents, 201,224 tokens besides BOS, 258 MB of float16 on disk; about 2 minutes of
-Gemma-3-270M on 2 free CPU cores (22 minutes measured with the cores shared by three other jobs).
+Which documents, their tasks and their train/test split are
+:mod:`~sae_lens_hierarchical.interpretability.document_selection`'s. The default selection, 2,250 documents, is
+201,224 tokens besides BOS, 258 MB of float16 on disk; about 2 minutes of Gemma-3-270M on 2 free CPU cores
+(22 minutes measured with the cores shared by three other jobs).
 
 Each document is BOS followed by its first ``max_tokens - 1`` tokens (SAEBench truncates the same way, keeping the
 beginning). Activations are stored flat ``[tokens, d_in]`` without BOS positions: SAEBench masks BOS (and padding)
@@ -45,112 +38,24 @@ from transformer_lens import HookedTransformer
 from sae_lens_hierarchical._files import exclusive_lock, write_json_atomically, write_new_directory
 from sae_lens_hierarchical.data.activation_cache import DEFAULT_CACHE_ROOT, hook_activations
 from sae_lens_hierarchical.data.corpora import WIKIPEDIA_LANGUAGES, wikipedia_dataset
+from sae_lens_hierarchical.interpretability.document_selection import (
+    ENGLISH,
+    LANGUAGE_TASK,
+    STORAGE_DTYPES,
+    TOPIC_TASK,
+    UNCATEGORIZED,
+    DocumentSelection,
+    DocumentSpec,
+    ProbingTask,
+    is_integer,
+    select_documents,
+)
 
-TOPIC_TASK = "topic"
-LANGUAGE_TASK = "language"
-ENGLISH = "en-us"
-# Wikipedia's catch-all section: not a topic, so not a class of the topic task.
-UNCATEGORIZED = "Uncategorized"
 DOCUMENT_CACHE_DIRNAME = "labelled_documents"
 ACTIVATIONS_FILENAME = "activations.safetensors"
 MANIFEST_FILENAME = "manifest.json"
 _FORMAT_VERSION = 1
-_STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 _POOLING_ROWS = 16_384
-
-
-@dataclass(frozen=True)
-class DocumentSpec:
-    """Which documents, how long, and how they are split (with the model and hook, it fixes the cached set).
-
-    Attributes:
-        docs_per_topic: English documents per topic (topic task), at least 2 so that both splits have one.
-        docs_per_language: documents per language (language task); the English ones come from the topic documents,
-            so at most ``docs_per_topic`` times the number of topics.
-        max_tokens: tokens per document, BOS included (longer documents keep their beginning).
-        test_fraction: share of each class held out for testing, in (0, 1).
-        seed: seed of the document draw and of the train/test split.
-        dtype: storage dtype of the cached activations, ``"float16"`` or ``"float32"``.
-    """
-
-    docs_per_topic: int = 150
-    docs_per_language: int = 300
-    max_tokens: int = 128
-    test_fraction: float = 0.25
-    seed: int = 0
-    dtype: str = "float16"
-
-    def __post_init__(self) -> None:
-        for name in ("docs_per_topic", "docs_per_language"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 2:
-                raise ValueError(f"{name} must be an int >= 2 (one training and one test document); got {value!r}")
-        if not _is_int(self.max_tokens) or self.max_tokens < 2:
-            raise ValueError(f"max_tokens must be an int >= 2 (BOS and at least one token); got {self.max_tokens!r}")
-        if not isinstance(self.test_fraction, float | int) or not 0 < self.test_fraction < 1:
-            raise ValueError(f"test_fraction must be in (0, 1); got {self.test_fraction!r}")
-        if not _is_int(self.seed):
-            raise ValueError(f"seed must be an int; got {self.seed!r}")
-        if self.dtype not in _STORAGE_DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_STORAGE_DTYPES)}; got {self.dtype!r}")
-
-    def n_test(self, n_documents: int) -> int:
-        """Held-out documents of a class of ``n_documents``: ``round(test_fraction * n)``, kept in 1..n-1."""
-        return min(max(round(self.test_fraction * n_documents), 1), n_documents - 1)
-
-
-@dataclass(frozen=True, eq=False)  # eq would compare arrays, which have no single truth value
-class ProbingTask:
-    """A classification of (some of) the documents, with its train/test split.
-
-    Attributes:
-        name: ``"topic"``, ``"language"``, ...
-        classes: class names; ``labels`` index into them.
-        labels: ``[documents]`` int64 class index, -1 for documents outside the task.
-        test: ``[documents]`` bool, True for held-out documents (meaningful where ``labels >= 0``).
-    """
-
-    name: str
-    classes: tuple[str, ...]
-    labels: np.ndarray
-    test: np.ndarray
-
-    def documents(self, split: str | None = None) -> np.ndarray:
-        """Indices of the task's documents: all of them, or those of ``split`` ("train" or "test")."""
-        if split not in (None, "train", "test"):
-            raise ValueError(f"split must be None, 'train' or 'test'; got {split!r}")
-        keep = self.labels >= 0
-        if split is not None:
-            keep &= self.test if split == "test" else ~self.test
-        return np.flatnonzero(keep)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "classes": list(self.classes),
-            "labels": self.labels.tolist(),
-            "test": self.test.tolist(),
-        }
-
-    @classmethod
-    def from_dict(cls, payload: dict[str, Any]) -> ProbingTask:
-        return cls(
-            name=payload["name"],
-            classes=tuple(payload["classes"]),
-            labels=np.asarray(payload["labels"], dtype=np.int64),
-            test=np.asarray(payload["test"], dtype=bool),
-        )
-
-
-@dataclass(frozen=True)
-class DocumentSelection:
-    """The chosen documents (in order) and their tasks, before any model runs."""
-
-    texts: list[str]
-    titles: list[str]
-    languages: list[str]
-    topics: list[str]
-    tasks: dict[str, ProbingTask]
 
 
 @dataclass(frozen=True, eq=False)
@@ -237,7 +142,7 @@ class LabelledDocuments:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(activations [t, d_in] float32, document index [t])`` over the tokens of ``documents`` (all by default),
         in batches of whole documents of about ``batch_tokens`` tokens (at least one document each)."""
-        if not _is_int(batch_tokens) or batch_tokens < 1:
+        if not is_integer(batch_tokens) or batch_tokens < 1:
             raise ValueError(f"batch_tokens must be an int >= 1; got {batch_tokens!r}")
         order = np.arange(self.n_documents) if documents is None else np.asarray(documents, dtype=np.int64)
         counts = self.token_counts[torch.from_numpy(order)].tolist() if len(order) else []
@@ -266,71 +171,6 @@ class LabelledDocuments:
             raise ValueError(f"the SAE's d_in is {sae.cfg.d_in} but these activations have d_in {self.d_in}")
 
 
-def select_documents(corpus: Dataset, spec: DocumentSpec) -> DocumentSelection:
-    """Draw the documents of ``spec`` from ``corpus`` (columns ``text``, ``title``, ``language``, ``topic``).
-
-    The topic task takes the English documents of every topic but "Uncategorized"; the language task every language
-    of ``corpus`` (English from the topic documents). A task with fewer than two classes is left out.
-    """
-    missing = {"text", "title", "language", "topic"} - set(corpus.column_names)
-    if missing:
-        raise ValueError(f"the corpus needs columns text, title, language and topic; {sorted(missing)} missing")
-    languages = np.asarray(corpus["language"], dtype=object)
-    topics_column = np.asarray(corpus["topic"], dtype=object)
-    english = languages == ENGLISH
-    topic_names = sorted({t for t in topics_column[english] if t and t != UNCATEGORIZED})
-    rng = np.random.default_rng(spec.seed)
-    chosen: list[int] = []  # corpus rows, in document order
-    topic_classes: list[tuple[int, list[int]]] = []  # (class, document positions) in draw order
-    for index, topic in enumerate(topic_names):
-        rows = np.flatnonzero(english & (topics_column == topic))
-        if len(rows) < spec.docs_per_topic:
-            raise ValueError(
-                f"docs_per_topic must be in 2..{len(rows)} (topic {topic!r} has {len(rows)} documents); "
-                f"got {spec.docs_per_topic}"
-            )
-        drawn = rng.choice(rows, size=spec.docs_per_topic, replace=False).tolist()
-        topic_classes.append((index, list(range(len(chosen), len(chosen) + len(drawn)))))
-        chosen += drawn
-    language_names = [language for language in WIKIPEDIA_LANGUAGES if (languages == language).any()]
-    language_names += sorted(set(languages) - set(language_names))
-    language_classes: list[tuple[int, list[int]]] = []
-    for index, language in enumerate(language_names):
-        if language == ENGLISH and topic_names:
-            pool = list(range(len(chosen)))  # the topic documents: no extra forward pass
-            positions = [pool[i] for i in rng.permutation(len(pool))[: spec.docs_per_language]]
-            available = len(pool)
-        else:
-            rows = np.flatnonzero(languages == language)
-            available = len(rows)
-            drawn = rng.choice(rows, size=min(spec.docs_per_language, available), replace=False).tolist()
-            positions = list(range(len(chosen), len(chosen) + len(drawn)))
-            chosen += drawn
-        if available < spec.docs_per_language:
-            raise ValueError(
-                f"docs_per_language must be in 2..{available} ({language} has {available} documents to draw from); "
-                f"got {spec.docs_per_language}"
-            )
-        language_classes.append((index, positions))
-    tasks = {}
-    for name, classes, members in (
-        (TOPIC_TASK, topic_names, topic_classes),
-        (LANGUAGE_TASK, language_names, language_classes),
-    ):
-        if len(classes) >= 2:
-            tasks[name] = _task(name, classes, members, len(chosen), spec)
-    if not tasks:
-        raise ValueError("the corpus gives no task with two classes (English topics, or two languages)")
-    rows = corpus.select(chosen)
-    return DocumentSelection(
-        texts=list(rows["text"]),
-        titles=list(rows["title"]),
-        languages=list(rows["language"]),
-        topics=list(rows["topic"]),
-        tasks=tasks,
-    )
-
-
 def labelled_documents(
     model: HookedTransformer | str,
     hook_name: str,
@@ -357,7 +197,7 @@ def labelled_documents(
     waits, then reads it).
     """
     spec = spec or DocumentSpec()
-    if not _is_int(batch_size) or batch_size < 1:
+    if not is_integer(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
     selection = select_documents(corpus if corpus is not None else wikipedia_dataset(WIKIPEDIA_LANGUAGES), spec)
     model_name = model if isinstance(model, str) else model.cfg.model_name
@@ -424,7 +264,7 @@ def _compute_activations(
     lengths = [len(document) for document in tokens]
     order = sorted(range(len(tokens)), key=lambda i: -lengths[i])
     per_document: list[torch.Tensor] = [torch.empty(0)] * len(tokens)
-    dtype = _STORAGE_DTYPES[spec.dtype]
+    dtype = STORAGE_DTYPES[spec.dtype]
     limit = torch.finfo(dtype).max
     bar = tqdm(total=sum(lengths), desc="Caching document activations", unit="tok", disable=not progress)
     for start in range(0, len(order), batch_size):
@@ -470,17 +310,19 @@ def _write_cache(
     write_json_atomically(directory / MANIFEST_FILENAME, manifest)
 
 
-def _task(
-    name: str, classes: list[str], members: list[tuple[int, list[int]]], n_documents: int, spec: DocumentSpec
-) -> ProbingTask:
-    """A task over ``n_documents``: each class's documents in draw order, the first ``spec.n_test`` held out."""
-    labels = np.full(n_documents, -1, dtype=np.int64)
-    test = np.zeros(n_documents, dtype=bool)
-    for index, positions in members:
-        labels[positions] = index
-        test[positions[: spec.n_test(len(positions))]] = True
-    return ProbingTask(name=name, classes=tuple(classes), labels=labels, test=test)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+__all__ = [
+    "ACTIVATIONS_FILENAME",
+    "DOCUMENT_CACHE_DIRNAME",
+    "ENGLISH",
+    "LANGUAGE_TASK",
+    "MANIFEST_FILENAME",
+    "TOPIC_TASK",
+    "UNCATEGORIZED",
+    "DocumentSelection",
+    "DocumentSpec",
+    "LabelledDocuments",
+    "ProbingTask",
+    "document_tokens",
+    "labelled_documents",
+    "select_documents",
+]

@@ -40,16 +40,15 @@ of large magnitude. On Gemma-3-270M the n = 1 probes pick a few frequent, strong
 preset HierarchicalTopK SAE's probes for en, es and fr all select the same latent, of typical rank 1, which fires on
 over half the tokens, rather than a language-specific one. The probe sees unscaled features spanning three orders
 of magnitude or more, so lbfgs sometimes stops at ``max_iter`` (as SAEBench's does);
-:attr:`ProbeScore.unconverged` names those classes.
+:attr:`~sae_lens_hierarchical.interpretability.probing_results.ProbeScore.unconverged` names those classes.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -59,8 +58,15 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
 from sae_lens_hierarchical.evaluation.budgets import ranked_latents, resolve_budgets
-from sae_lens_hierarchical.interpretability.documents import LabelledDocuments, ProbingTask
-from sae_lens_hierarchical.interpretability.spread import Spread, spread
+from sae_lens_hierarchical.interpretability.document_selection import ProbingTask
+from sae_lens_hierarchical.interpretability.documents import LabelledDocuments
+from sae_lens_hierarchical.interpretability.probing_report import (
+    figure_sparse_probing,
+    format_probing_table,
+    plot_sparse_probing,
+    summarize_probing,
+)
+from sae_lens_hierarchical.interpretability.probing_results import ProbeScore, ScoreSummary, SparseProbingResults
 
 DEFAULT_NS = (1, 2, 5, 20)
 # SAEBench's probe: scikit-learn's defaults (L2, C = 1.0, lbfgs) with more iterations.
@@ -77,94 +83,6 @@ class ClassSplit:
     train_labels: np.ndarray
     test: np.ndarray
     test_labels: np.ndarray
-
-
-@dataclass(frozen=True)
-class ProbeScore:
-    """Held-out accuracy of the probes of one task at one budget and one n, averaged over the task's classes.
-
-    Attributes:
-        task: the task's name.
-        k: the SAE's budget; None for the residual stream.
-        n: latents (or residual dimensions) the probes read; None for all of them.
-        accuracy: mean over classes of the balanced held-out accuracy.
-        class_accuracies: per class.
-        selected: per class, the n latents (dimensions) chosen, largest class-mean difference first; empty lists
-            when n is None.
-        unconverged: classes whose probe stopped at ``max_iter`` before lbfgs converged (SAEBench's probe meets this
-            too: unscaled features span ~1 to ~1,000 here); their accuracy is that of the last iterate.
-    """
-
-    task: str
-    k: int | None
-    n: int | None
-    accuracy: float
-    class_accuracies: dict[str, float]
-    selected: dict[str, list[int]]
-    unconverged: list[str] = field(default_factory=list)
-
-
-# One (task, k, n) over several results (seeds, or several SAEs of one family): mean and half the range.
-ScoreSummary = Spread
-
-
-@dataclass(frozen=True)
-class SparseProbingResults:
-    """Sparse probing of one SAE at its budgets, with the residual-stream ceiling on the same documents.
-
-    JSON-serialisable through :meth:`to_dict` / :meth:`from_dict`; :func:`summarize_probing` aggregates several
-    (seeds, or a family of SAEs each trained at one k).
-
-    Attributes:
-        name: what the caller calls this SAE (e.g. ``"htopk-k64/seed1"``).
-        ks, ns: budgets and n's probed.
-        scores: the SAE's probes, one per (task, k, n).
-        ceiling: the residual stream's probes, one per (task, n), n = None for all dimensions.
-        settings: documents per class and split, seed, probe, model, hook.
-    """
-
-    name: str
-    ks: list[int]
-    ns: list[int]
-    scores: list[ProbeScore]
-    ceiling: list[ProbeScore]
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def tasks(self) -> list[str]:
-        return list(dict.fromkeys(score.task for score in [*self.ceiling, *self.scores]))
-
-    def accuracy(self, task: str, k: int | None, n: int | None) -> float:
-        """The accuracy of (task, k, n); k = None reads the residual ceiling."""
-        for score in self.ceiling if k is None else self.scores:
-            if (score.task, score.k, score.n) == (task, k, n):
-                return score.accuracy
-        raise ValueError(
-            f"no probe for task={task!r}, k={k!r}, n={n!r}; tasks {self.tasks}, ks {self.ks}, ns {self.ns}"
-        )
-
-    def at(self, ks: Sequence[int]) -> SparseProbingResults:
-        """These results at the budgets ``ks`` only (e.g. a TopK SAE trained at 64 at k = 64 alone, as a member of
-        the "TopK trained at k" family, where its truncations belong to another line)."""
-        missing = sorted(set(ks) - set(self.ks))
-        if missing:
-            raise ValueError(f"budgets {missing} were not probed; these results have ks {self.ks}")
-        scores = [score for score in self.scores if score.k in ks]
-        return replace(self, ks=[k for k in self.ks if k in ks], scores=scores)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, payload: dict[str, Any]) -> SparseProbingResults:
-        return cls(
-            name=payload["name"],
-            ks=list(payload["ks"]),
-            ns=list(payload["ns"]),
-            scores=[ProbeScore(**score) for score in payload["scores"]],
-            ceiling=[ProbeScore(**score) for score in payload["ceiling"]],
-            settings=dict(payload.get("settings", {})),
-        )
 
 
 def balanced_splits(task: ProbingTask, seed: int = 0) -> list[ClassSplit]:
@@ -344,99 +262,6 @@ def sparse_probing(
     return SparseProbingResults(name=name, ks=ks, ns=ns, scores=scores, ceiling=ceiling, settings=settings)
 
 
-def summarize_probing(
-    results: Sequence[SparseProbingResults],
-) -> dict[tuple[str, int | None, int | None], ScoreSummary]:
-    """``{(task, k, n): mean and half range}`` over ``results`` (seeds of one SAE, or the SAEs of one family trained
-    at one k each); k = None holds the residual ceiling."""
-    values: dict[tuple[str, int | None, int | None], list[float]] = {}
-    for result in results:
-        for score in [*result.ceiling, *result.scores]:
-            values.setdefault((score.task, score.k, score.n), []).append(score.accuracy)
-    return {key: spread(v) for key, v in sorted(values.items(), key=_key_order)}
-
-
-def format_probing_table(
-    results: Mapping[str, SparseProbingResults | Sequence[SparseProbingResults]], task: str
-) -> str:
-    """Markdown: one row per (SAE, k), one column per n, held-out accuracy of ``task``; first the residual stream
-    (top-n dimensions, and all of them). Several results under one name show mean ± half the range."""
-    groups = {name: _as_list(value) for name, value in results.items()}
-    summaries = {name: summarize_probing(group) for name, group in groups.items()}
-    ns = sorted({n for group in groups.values() for r in group for n in r.ns})
-    lines = [
-        "| SAE | k | " + " | ".join(f"n = {n}" for n in ns) + " | all |",
-        "|---|---:|" + "---:|" * (len(ns) + 1),
-    ]
-    ceiling = next(iter(summaries.values()), {})
-    if any(key[0] == task for key in ceiling):
-        cells = [_cell(ceiling.get((task, None, n))) for n in [*ns, None]]
-        lines.append("| residual stream | | " + " | ".join(cells) + " |")
-    for name, summary in summaries.items():
-        for k in sorted({key[1] for key in summary if key[0] == task and key[1] is not None}):
-            cells = [_cell(summary.get((task, k, n))) for n in ns]
-            lines.append(f"| {name} | {k} | " + " | ".join(cells) + " | |")
-    return "\n".join(lines)
-
-
-def figure_sparse_probing(
-    results: Mapping[str, SparseProbingResults | Sequence[SparseProbingResults]], title: str = "Sparse probing"
-) -> Any:
-    """A matplotlib figure: one panel per (task, n), held-out accuracy against k (log-x), one line per name (error
-    bars: half the range over its results), the residual stream's top-n (dotted) and all-dimensions (dashed) probes.
-    """
-    from matplotlib.figure import Figure
-
-    groups = {name: _as_list(value) for name, value in results.items()}
-    summaries = {name: summarize_probing(group) for name, group in groups.items()}
-    tasks = list(dict.fromkeys(task for group in groups.values() for r in group for task in r.tasks))
-    ns = sorted({n for group in groups.values() for r in group for n in r.ns})
-    figure = Figure(figsize=(3.6 * len(ns), 3.2 * len(tasks)))
-    axes = np.atleast_2d(figure.subplots(len(tasks), len(ns), squeeze=False))
-    ceiling = next(iter(summaries.values()), {})
-    all_ks = sorted({key[1] for s in summaries.values() for key in s if key[1] is not None})
-    for row, task in enumerate(tasks):
-        for column, n in enumerate(ns):
-            axis = axes[row, column]
-            for name, summary in summaries.items():
-                points = sorted((key[1], s) for key, s in summary.items() if key[0] == task and key[2] == n and key[1])
-                if points:
-                    axis.errorbar(
-                        [k for k, _ in points],
-                        [s.mean for _, s in points],
-                        yerr=[s.half_range for _, s in points],
-                        marker="o",
-                        capsize=2,
-                        label=name,
-                    )
-            for key, style, label in (
-                ((task, None, n), ":", "residual, top n"),
-                ((task, None, None), "--", "residual, all"),
-            ):
-                if key in ceiling:
-                    axis.axhline(ceiling[key].mean, color="black", linestyle=style, linewidth=1, label=label)
-            axis.set(xscale="log", title=f"{task}, n = {n}", xlabel="budget k", ylabel="held-out accuracy")
-            if all_ks:
-                axis.set_xticks(all_ks, [str(k) for k in all_ks])
-            axis.grid(alpha=0.3)
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
-    figure.suptitle(title)
-    figure.tight_layout(rect=(0, 0.08 if len(tasks) > 1 else 0.14, 1, 1))
-    return figure
-
-
-def plot_sparse_probing(
-    results: Mapping[str, SparseProbingResults | Sequence[SparseProbingResults]],
-    path: str | Path,
-    title: str = "Sparse probing",
-) -> Path:
-    """Save :func:`figure_sparse_probing` as a 120-dpi PNG at ``path``."""
-    path = Path(path)
-    figure_sparse_probing(results, title).savefig(path, dpi=120)
-    return path
-
-
 def check_ns(ns: Sequence[int], n_features: int) -> list[int]:
     """``ns`` sorted and distinct; one ValueError unless each is an int in 1..``n_features``."""
     ns = list(ns)
@@ -478,15 +303,25 @@ def _one_vs_rest(task: ProbingTask, index: int, split: str, rng: np.random.Gener
     return chosen, np.concatenate([np.ones(len(positives), dtype=np.int64), np.zeros(len(negatives), dtype=np.int64)])
 
 
-def _as_list(value: SparseProbingResults | Sequence[SparseProbingResults]) -> list[SparseProbingResults]:
-    return [value] if isinstance(value, SparseProbingResults) else list(value)
-
-
-def _key_order(item: tuple[tuple[str, int | None, int | None], Any]) -> tuple[str, int, int]:
-    """Tasks, then k (the ceiling first), then n (all dimensions last)."""
-    task, k, n = item[0]
-    return task, -1 if k is None else k, 1 << 62 if n is None else n
-
-
-def _cell(summary: ScoreSummary | None) -> str:
-    return "" if summary is None else summary.cell()
+__all__ = [
+    "DEFAULT_NS",
+    "PROBE_C",
+    "PROBE_MAX_ITER",
+    "ClassSplit",
+    "ProbeScore",
+    "ScoreSummary",
+    "SparseProbingResults",
+    "balanced_splits",
+    "check_ns",
+    "figure_sparse_probing",
+    "format_probing_table",
+    "plot_sparse_probing",
+    "pooled_latents",
+    "probe_accuracy",
+    "probe_features",
+    "residual_probing",
+    "resolve_tasks",
+    "sparse_probing",
+    "summarize_probing",
+    "top_mean_difference",
+]
