@@ -8,7 +8,7 @@ What ``tests/test_gemma_2_2b_full_width.py`` runs end to end, timed in parts:
 - build: constructing the model (empty matrices, then drawn once);
 - LM forward: ``run_with_cache`` of ``[4, 128]`` token ids stopping after block 12, as SAELens's activation store
   calls it (``hook_activations``), per token;
-- SAE step: ``benchmarks/bench_step.py``'s body of SAELens's ``_train_step`` (``training_forward_pass``, firing
+- SAE step: ``benchmarks/bench_step_rows.py``'s body of SAELens's ``_train_step`` (``training_forward_pass``, firing
   statistics, backward, gradient clipping, Adam, ``zero_grad``) on a ``[tokens, 2304]`` batch at the
   activation-normalised scale, at 512 tokens (the test's batch) and 4,096 (the preset's), with no dead latents
   (SAELens marks none in a run's first 1,000 steps) and with 10% dead (AuxK running);
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_step import SAELensStep, Sizes, Step
+from bench_step_rows import SAELensStep, Sizes, Step
 from tqdm import tqdm
 
 from sae_lens_hierarchical import HierarchicalTopKTrainingSAE
@@ -68,7 +68,7 @@ def seconds_of(fn: Callable[[], Any], warmup: int, repeats: int, bar: tqdm) -> l
 
 
 class PresetStep(SAELensStep):
-    """bench_step's SAELens step body on the preset's own training SAE and Adam learning rate."""
+    """bench_step_rows's SAELens step body on the preset's own training SAE and Adam learning rate."""
 
     def __init__(self, preset: Preset, tokens: int, dead_fraction: float):
         Step.__init__(self, Sizes(preset.d_in, preset.d_sae, tokens, (preset.k,)), "cpu", dead_fraction)
