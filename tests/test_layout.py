@@ -229,3 +229,17 @@ def _installed(distribution: str) -> bool:
     from importlib.util import find_spec
 
     return find_spec(distribution) is not None
+
+
+def test_the_readme_layout_table_names_every_module() -> None:
+    """The README's layout table is the map a newcomer reads: every module of the package and every benchmark script
+    is named there (as `name`, `name.py` or, for a folder, `folder/`)."""
+    readme = (ROOT.parent / "README.md").read_text()
+    table = readme[readme.index("\n## Layout") :].split("\n## ", 2)[1]
+    missing = []
+    for name, path in (module_names() | benchmark_names()).items():
+        stem = path.parent.name if path.stem == "__init__" else path.stem
+        spellings = (f"`{stem}`", f"`{stem}.py`", f"`{stem}/`", f"`{path.relative_to(ROOT.parent).as_posix()}`")
+        if not any(spelling in table for spelling in spellings):
+            missing.append(name)
+    assert missing == []
