@@ -8,6 +8,7 @@ converts, that its width fits the preset's hook, that no override changes what t
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +140,8 @@ def run_hierarchicalize_job(
     scaling_factor = None
     if settings.get("normalize_activations") == "expected_average_only_in":
         batch_size, n_batches = cfg.train_batch_size_tokens, cfg.n_batches_for_norm_estimate
-        first = iter(train[: batch_size * n_batches].split(batch_size))
+        # SAELens's activation store starts a new epoch when the tokens run out before n_batches; so does this.
+        first = itertools.cycle(train[: batch_size * n_batches].split(batch_size))
         scaling_factor = into_estimated_units([converted], first, cfg.sae.d_in, n_batches)
     return run_training_job(
         preset,
