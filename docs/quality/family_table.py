@@ -7,8 +7,9 @@ per-seed ratios (same seed, same batches), then aggregated; and, for the SAEs se
 fixed k of the same SAE.
 
 Usage: python docs/quality/family_table.py RESULTS_DIR OUTPUT_STEM
-RESULTS_DIR holds seed<S>/comparison.json (docs/quality/family.sh). Writes OUTPUT_STEM.md, OUTPUT_STEM.json and
-OUTPUT_STEM.png (FVU and CE-loss score against mean L0, every line, error bars over seeds).
+RESULTS_DIR holds seed<S>/comparison.json (docs/quality/family.sh). Writes OUTPUT_STEM.md, OUTPUT_STEM.json,
+OUTPUT_STEM.png (FVU and CE-loss score against mean L0, every line, error bars over seeds) and OUTPUT_STEM_readme.md
+(the README's two tables: the lines a researcher compares, short names, the best of each row in bold).
 """
 
 from __future__ import annotations
@@ -173,6 +174,40 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+# The README's columns: (short name, line label).
+README_COLUMNS = (
+    ("HTopK, by threshold", "HierarchicalTopK (one SAE, any k), served by threshold"),
+    ("HTopK, by k", "HierarchicalTopK (one SAE, any k)"),
+    ("TopK at k", "TopK trained at k (one SAE per k)"),
+    ("BatchTopK at k, re-thresholded", "BatchTopK trained at k (one SAE per k), re-thresholded"),
+    ("Matryoshka, re-thresholded", "Matryoshka BatchTopK at K, re-thresholded"),
+    ("Multi-TopK, by k", "Multi-TopK, L(K/4) + L(K)/8"),
+    ("TopK@64 truncated", "TopK trained at K, truncated to k"),
+)
+
+
+def readme_tables(summary: dict[str, Any]) -> str:
+    """FVU and CE-loss score by mean L0 for the README's columns; the best mean of each row in bold."""
+    out = []
+    for metric, title in (("fvu", "FVU (lower is better)"), ("ce_loss_score", "CE-loss score (higher is better)")):
+        out += [f"**{title}** by mean L0:", "", "| mean L0 | " + " | ".join(name for name, _ in README_COLUMNS) + " |"]
+        out.append("|---:|" + "---:|" * len(README_COLUMNS))
+        for budget in summary["budgets"]:
+            stats = [summary["values"][metric].get(line, {}).get(budget) for _, line in README_COLUMNS]
+            means = [entry["mean"] for entry in stats if entry]
+            if not means:
+                continue
+            best = min(means) if metric == "fvu" else max(means)
+            cells = [cell(entry) if entry else "" for entry in stats]
+            cells = [
+                f"**{text}**" if entry and entry["mean"] == best else text
+                for text, entry in zip(cells, stats, strict=True)
+            ]
+            out.append(f"| {budget:g} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def plot(summary: dict[str, Any], path: Path, title: str) -> None:
     metrics = [metric for metric in METRICS if summary["values"][metric]]
     figure, axes = plt.subplots(1, len(metrics), figsize=(7 * len(metrics), 5), squeeze=False)
@@ -209,6 +244,7 @@ def main() -> None:
     summary = summarise(load(results))
     stem.with_suffix(".md").write_text(markdown(summary) + "\n")
     stem.with_suffix(".json").write_text(json.dumps(summary, indent=1, default=str))
+    stem.with_name(f"{stem.name}_readme.md").write_text(readme_tables(summary))
     plot(summary, stem.with_suffix(".png"), f"{results}: every SAE by mean L0 ({len(summary['seeds'])} seeds)")
     print(stem.with_suffix(".md").read_text())
 
