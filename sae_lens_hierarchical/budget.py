@@ -18,12 +18,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
-def is_int(value: object) -> bool:
-    """A Python int that is not a bool (``True`` is an int to Python, never a budget)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+def is_int(value: object, allow_numpy: bool = False) -> bool:
+    """A Python int that is not a bool (``True`` is an int to Python, never a budget); with ``allow_numpy`` a numpy
+    integer too (a count or a seed read from numpy data), where the value is only compared, never stored."""
+    integer_types = (int, np.integer) if allow_numpy else int
+    return isinstance(value, integer_types) and not isinstance(value, bool)
 
 
 def validate_k(k: object, max_k: int) -> int:

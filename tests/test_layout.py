@@ -47,13 +47,9 @@ def _imports(nodes: list[ast.stmt] | list[ast.AST], modules: dict[str, Path]) ->
     return found
 
 
-def top_level_imports(path: Path, modules: dict[str, Path]) -> list[tuple[str, str]]:
-    """``(imported package module, imported name or '')`` for each import at module level."""
-    return _imports(ast.parse(path.read_text()).body, modules)
-
-
 def all_imports(source: str, modules: dict[str, Path]) -> list[tuple[str, str]]:
-    """The same for every import, inside functions and methods too: a deferred import is still a dependency."""
+    """``(imported module of ours, imported name or '')`` for every import, inside functions and methods too: a
+    deferred import is still a dependency."""
     return _imports(list(ast.walk(ast.parse(source))), modules)
 
 
@@ -180,11 +176,11 @@ def test_module_sizes() -> None:
 
 def test_no_private_name_crosses_modules() -> None:
     """A name with a leading underscore is its module's own; private modules serve only their own folder (the
-    package's and the benchmarks' alike)."""
+    package's and the benchmarks' alike, imports inside functions included)."""
     modules = module_names() | benchmark_names()
     offenders = []
     for importer, path in modules.items():
-        for target, name in top_level_imports(path, modules):
+        for target, name in all_imports(path.read_text(), modules):
             if name.startswith("_"):
                 offenders.append(f"{importer} imports {target}.{name}")
             private_parts = [part for part in target.split(".")[1:] if part.startswith("_")]

@@ -259,6 +259,24 @@ def test_checkpoint_of_other_settings_is_refused(tmp_path: Path) -> None:
     assert latest_checkpoint(tmp_path, {"seed": 1}) == checkpoint
 
 
+def test_a_checkpoint_differing_only_in_per_run_fields_resumes(tmp_path: Path) -> None:
+    """Fields that do not change what is trained (a device, an output path), at any depth, may differ between a run and
+    its resumption, including a marker written when such a field was still recorded; any other field is refused."""
+    from sae_lens_hierarchical.jobs.overrides import PER_RUN_FIELDS
+
+    checkpoint = tmp_path / "1024"
+    checkpoint.mkdir()
+    written = {"runner": {"lr": 0.1, "device": "cuda", "output_path": None, "sae": {"device": "cuda", "k": 8}}}
+    (checkpoint / CHECKPOINT_MARKER).write_text(json.dumps({"n_training_steps": 4, "settings": written}))
+    per_run = [f"runner.{name}" for name in PER_RUN_FIELDS]
+    now = {"runner": {"lr": 0.1, "sae": {"device": "cpu", "k": 8}}}
+    assert latest_checkpoint(tmp_path, now, per_run) == checkpoint
+    with pytest.raises(ValueError, match="different settings; delete"):
+        latest_checkpoint(tmp_path, {"runner": {"lr": 0.1, "sae": {"device": "cpu", "k": 16}}}, per_run)
+    with pytest.raises(ValueError, match="different settings; delete"):
+        latest_checkpoint(tmp_path, now)  # nothing ignored: the devices differ
+
+
 @pytest.mark.parametrize("normalize", ["none", "expected_average_only_in", "covariance_whitening"])
 def test_resuming_from_a_checkpoint_gives_the_uninterrupted_weights(tmp_path: Path, normalize: str) -> None:
     """Every normalisation the training accepts: a rerun from the first checkpoint ends bitwise where the run that went

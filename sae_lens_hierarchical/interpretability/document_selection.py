@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 
+from sae_lens_hierarchical.budget import is_int
 from sae_lens_hierarchical.data.corpora import WIKIPEDIA_LANGUAGES
 
 TOPIC_TASK = "topic"
@@ -58,13 +59,13 @@ class DocumentSpec:
     def __post_init__(self) -> None:
         for name in ("docs_per_topic", "docs_per_language"):
             value = getattr(self, name)
-            if not is_integer(value) or value < 2:
+            if not is_int(value, allow_numpy=True) or value < 2:
                 raise ValueError(f"{name} must be an int >= 2 (one training and one test document); got {value!r}")
-        if not is_integer(self.max_tokens) or self.max_tokens < 2:
+        if not is_int(self.max_tokens, allow_numpy=True) or self.max_tokens < 2:
             raise ValueError(f"max_tokens must be an int >= 2 (BOS and at least one token); got {self.max_tokens!r}")
         if not isinstance(self.test_fraction, float | int) or not 0 < self.test_fraction < 1:
             raise ValueError(f"test_fraction must be in (0, 1); got {self.test_fraction!r}")
-        if not is_integer(self.seed):
+        if not is_int(self.seed, allow_numpy=True):
             raise ValueError(f"seed must be an int; got {self.seed!r}")
         if self.dtype not in STORAGE_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}; got {self.dtype!r}")
@@ -203,8 +204,3 @@ def _task(
         labels[positions] = index
         test[positions[: spec.n_test(len(positions))]] = True
     return ProbingTask(name=name, classes=tuple(classes), labels=labels, test=test)
-
-
-def is_integer(value: object) -> bool:
-    """An int or a numpy integer, never a bool (a count or a seed read from numpy is still one)."""
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)

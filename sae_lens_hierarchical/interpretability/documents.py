@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from sae_lens_hierarchical._files import exclusive_lock, write_json_atomically, write_new_directory
+from sae_lens_hierarchical.budget import is_int
 from sae_lens_hierarchical.data.activation_cache import DEFAULT_CACHE_ROOT, hook_activations
 from sae_lens_hierarchical.data.corpora import WIKIPEDIA_LANGUAGES, wikipedia_dataset
 from sae_lens_hierarchical.interpretability.document_selection import (
@@ -47,7 +48,6 @@ from sae_lens_hierarchical.interpretability.document_selection import (
     DocumentSelection,
     DocumentSpec,
     ProbingTask,
-    is_integer,
     select_documents,
 )
 
@@ -142,7 +142,7 @@ class LabelledDocuments:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(activations [t, d_in] float32, document index [t])`` over the tokens of ``documents`` (all by default),
         in batches of whole documents of about ``batch_tokens`` tokens (at least one document each)."""
-        if not is_integer(batch_tokens) or batch_tokens < 1:
+        if not is_int(batch_tokens, allow_numpy=True) or batch_tokens < 1:
             raise ValueError(f"batch_tokens must be an int >= 1; got {batch_tokens!r}")
         order = np.arange(self.n_documents) if documents is None else np.asarray(documents, dtype=np.int64)
         counts = self.token_counts[torch.from_numpy(order)].tolist() if len(order) else []
@@ -197,7 +197,7 @@ def labelled_documents(
     waits, then reads it).
     """
     spec = spec or DocumentSpec()
-    if not is_integer(batch_size) or batch_size < 1:
+    if not is_int(batch_size, allow_numpy=True) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
     selection = select_documents(corpus if corpus is not None else wikipedia_dataset(WIKIPEDIA_LANGUAGES), spec)
     model_name = model if isinstance(model, str) else model.cfg.model_name

@@ -10,7 +10,7 @@ loop writes such a checkpoint after the step it is in and raises
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,13 @@ def mark_complete(checkpoint_path: Path, n_training_steps: int, settings: dict[s
     write_json_atomically(checkpoint_path / CHECKPOINT_MARKER, state)
 
 
-def latest_checkpoint(checkpoint_dir: Path, settings: dict[str, Any]) -> Path | None:
+def latest_checkpoint(checkpoint_dir: Path, settings: dict[str, Any], ignored: Collection[str] = ()) -> Path | None:
     """The newest checkpoint under ``checkpoint_dir`` whose completion marker exists, or None.
 
     A checkpoint interrupted while being written has no marker and is ignored. A complete one written with
-    different settings is refused, naming the directory, rather than silently mixed into this run.
+    different settings is refused, naming the directory, rather than silently mixed into this run. ``ignored``: dotted
+    paths into the settings that may differ between a run and its resumption (its device, its output paths), left out
+    on both sides, so that a marker written before such a field was left out still matches.
     """
     if not checkpoint_dir.is_dir():
         return None
@@ -39,11 +41,23 @@ def latest_checkpoint(checkpoint_dir: Path, settings: dict[str, Any]) -> Path | 
     if not complete:
         return None
     newest = max(complete, key=lambda path: json.loads((path / CHECKPOINT_MARKER).read_text())["n_training_steps"])
-    if json.loads((newest / CHECKPOINT_MARKER).read_text())["settings"] != settings:
+    written = json.loads((newest / CHECKPOINT_MARKER).read_text())["settings"]
+    if without_fields(written, ignored) != without_fields(settings, ignored):
         raise ValueError(
             f"checkpoint {newest} was written with different settings; delete {checkpoint_dir} to start afresh"
         )
     return newest
+
+
+def without_fields(settings: dict[str, Any], dotted: Collection[str]) -> dict[str, Any]:
+    """A copy of nested ``settings`` without the ``dotted`` paths (``"runner.sae.device"``)."""
+    kept = {}
+    for name, value in settings.items():
+        if name in dotted:
+            continue
+        below = {path.removeprefix(f"{name}.") for path in dotted if path.startswith(f"{name}.")}
+        kept[name] = without_fields(value, below) if below and isinstance(value, dict) else value
+    return kept
 
 
 def json_safe(value: Any) -> Any:

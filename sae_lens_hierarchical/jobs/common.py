@@ -266,9 +266,10 @@ def finish_job(scratch: Path, output_dir: Path, job: dict[str, Any], started: fl
 
 def into_estimated_units(saes: list[Any], first_batches: Iterator[torch.Tensor], d_in: int, n_batches: int) -> float:
     """Put SAEs that take raw activations (a converted pretrained SAE) into the units of SAELens's
-    ``expected_average_only_in`` factor, estimated by SAELens's own ``ActivationScaler`` from the ``n_batches``
-    ``[tokens, d_in]`` batches its trainer reads first, so that the trainer's estimate and the weights agree; the
-    trainer folds the factor back into the weights at the end. Returns the factor."""
+    ``expected_average_only_in`` factor, estimated by SAELens's own ``ActivationScaler`` from ``n_batches``
+    ``[tokens, d_in]`` batches: the ones a suite's trainer reads first for its own estimate (the same factor), or
+    those whose factor a runner is then handed. The trainer folds the factor back into the weights at the end.
+    Returns the factor."""
     scaler = ActivationScaler()
     scaler.estimate_scaling_factor(d_in, first_batches, n_batches)
     assert scaler.scaling_factor is not None

@@ -8,7 +8,6 @@ converts, that its width fits the preset's hook, that no override changes what t
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from typing import Any
 
@@ -140,9 +139,10 @@ def run_hierarchicalize_job(
     scaling_factor = None
     if settings.get("normalize_activations") == "expected_average_only_in":
         batch_size, n_batches = cfg.train_batch_size_tokens, cfg.n_batches_for_norm_estimate
-        # SAELens's activation store starts a new epoch when the tokens run out before n_batches; so does this.
-        first = itertools.cycle(train[: batch_size * n_batches].split(batch_size))
-        scaling_factor = into_estimated_units([converted], first, cfg.sae.d_in, n_batches)
+        # The runner is handed this factor (it estimates none itself): the mean norm over the first n_batches batches,
+        # or over all the training tokens when they are fewer.
+        first = train[: batch_size * n_batches].split(batch_size)
+        scaling_factor = into_estimated_units([converted], iter(first), cfg.sae.d_in, len(first))
     return run_training_job(
         preset,
         output_dir,

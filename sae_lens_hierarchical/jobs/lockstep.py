@@ -27,6 +27,7 @@ from sae_lens_hierarchical.jobs.checkpoints import (
     latest_checkpoint,
     mark_complete,
     stop_at_step_boundaries,
+    without_fields,
 )
 from sae_lens_hierarchical.jobs.common import EmbeddedActivations, into_estimated_units
 from sae_lens_hierarchical.jobs.overrides import PER_RUN_FIELDS
@@ -93,8 +94,9 @@ def train_suite(
         for name in RUNNER_ONLY_METADATA:
             setattr(sae.cfg.metadata, name, getattr(cfg, name))
     # Each rank's device differs under torchrun (cuda:<local rank>); nothing that changes what is trained may differ.
-    runner_settings = {k: v for k, v in cfg.to_dict().items() if k not in PER_RUN_FIELDS}
-    settings = {"members": [asdict(m) for m in members], "seed": seed, "runner": json_safe(runner_settings)}
+    per_run = [f"runner.{name}" for name in PER_RUN_FIELDS]
+    settings = {"members": [asdict(m) for m in members], "seed": seed, "runner": json_safe(cfg.to_dict())}
+    settings = without_fields(settings, per_run)  # what the marker records
     if parallel.active:
         settings["data_parallel_processes"] = parallel.world_size
     trainer_cfg = replace(
@@ -104,7 +106,7 @@ def train_suite(
         save_final_checkpoint=False,
         logger=LoggingConfig(log_to_wandb=False),
     )
-    resume_from = latest_checkpoint(checkpoint_dir, settings) if checkpoint_dir else None
+    resume_from = latest_checkpoint(checkpoint_dir, settings, per_run) if checkpoint_dir else None
     # The scaling-factor or whitening estimate reads the first batches; a resumed run restores the statistics instead.
     needs_estimate = any(sae.cfg.normalize_activations in _ESTIMATED_NORMALIZATIONS for sae in saes.values())
     skipped = 0

@@ -26,6 +26,7 @@ from sae_lens_hierarchical.jobs.checkpoints import (
     latest_checkpoint,
     mark_complete,
     stop_at_step_boundaries,
+    without_fields,
 )
 from sae_lens_hierarchical.jobs.common import (
     EmbeddedActivations,
@@ -114,9 +115,9 @@ def run_training_job(
     job |= {"eval_tokens": eval_tokens, "downstream_tokens": downstream_tokens, "seed": seed}
     # A preempted run leaves a checkpoint here; the same job run again resumes from it (SAELens's resume).
     checkpoint_dir = output_dir.parent / f".{output_dir.name}.checkpoints"
-    settings = json_safe({name: value for name, value in cfg.to_dict().items() if name not in PER_RUN_FIELDS})
+    settings = without_fields(json_safe(cfg.to_dict()), PER_RUN_FIELDS)  # what the marker records
     start = {"initial_sae": initial_sae, "scaling_factor": scaling_factor, "checkpoint_dir": checkpoint_dir}
-    resume_from = latest_checkpoint(checkpoint_dir, settings) if not parallel.active else None
+    resume_from = latest_checkpoint(checkpoint_dir, settings, PER_RUN_FIELDS) if not parallel.active else None
     if resume_from is not None:
         rank_cfg = replace_runner_config(rank_cfg, resume_from_checkpoint=str(resume_from))
         if progress:
