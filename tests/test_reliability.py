@@ -259,6 +259,22 @@ def test_checkpoint_of_other_settings_is_refused(tmp_path: Path) -> None:
     assert latest_checkpoint(tmp_path, {"seed": 1}) == checkpoint
 
 
+def test_a_refused_checkpoint_names_what_changed(tmp_path: Path) -> None:
+    """A resume refused for different settings says which fields differ, a field the marker lacks included (a config
+    field added by a newer version), so the user can tell a real change from an upgrade."""
+    checkpoint = tmp_path / "1024"
+    checkpoint.mkdir()
+    written = {"runner": {"lr": 0.1, "sae": {"k": 8}}, "seed": 1}
+    (checkpoint / CHECKPOINT_MARKER).write_text(json.dumps({"n_training_steps": 4, "settings": written}))
+    now = {"runner": {"lr": 0.2, "sae": {"k": 8, "served_k": None}}, "seed": 1}
+    with pytest.raises(ValueError) as refused:
+        latest_checkpoint(tmp_path, now)
+    message = str(refused.value)
+    assert "runner.lr: 0.1 -> 0.2" in message
+    assert "runner.sae.served_k: <absent> -> None" in message
+    assert "seed" not in message.split("what differs:", 1)[1]  # only what differs is named
+
+
 def test_a_checkpoint_differing_only_in_per_run_fields_resumes(tmp_path: Path) -> None:
     """Fields that do not change what is trained (a device, an output path), at any depth, may differ between a run and
     its resumption, including a marker written when such a field was still recorded; any other field is refused."""

@@ -42,11 +42,36 @@ def latest_checkpoint(checkpoint_dir: Path, settings: dict[str, Any], ignored: C
         return None
     newest = max(complete, key=lambda path: json.loads((path / CHECKPOINT_MARKER).read_text())["n_training_steps"])
     written = json.loads((newest / CHECKPOINT_MARKER).read_text())["settings"]
-    if without_fields(written, ignored) != without_fields(settings, ignored):
+    differences = settings_differences(without_fields(written, ignored), without_fields(settings, ignored))
+    if differences:
+        shown = "; ".join(differences[:5]) + ("; ..." if len(differences) > 5 else "")
         raise ValueError(
-            f"checkpoint {newest} was written with different settings; delete {checkpoint_dir} to start afresh"
+            f"checkpoint {newest} was written with different settings; delete {checkpoint_dir} to start afresh "
+            f"(what differs: {shown})"
         )
     return newest
+
+
+def settings_differences(written: Any, now: Any, path: str = "") -> list[str]:
+    """``"dotted.path: written -> now"`` for every leaf where two settings differ (``<absent>`` where one lacks it), so
+    that a refused resume says what changed, such as a config field added by a newer version of the package."""
+    if isinstance(written, dict) and isinstance(now, dict):
+        found = []
+        for name in sorted(written.keys() | now.keys(), key=str):
+            below = f"{path}.{name}" if path else str(name)
+            found += settings_differences(written.get(name, _ABSENT), now.get(name, _ABSENT), below)
+        return found
+    if written == now:
+        return []
+    return [f"{path or '<settings>'}: {written!r} -> {now!r}"]
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "<absent>"
+
+
+_ABSENT = _Absent()
 
 
 def without_fields(settings: dict[str, Any], dotted: Collection[str]) -> dict[str, Any]:
