@@ -37,11 +37,11 @@ def latest_checkpoint(checkpoint_dir: Path, settings: dict[str, Any], ignored: C
     """
     if not checkpoint_dir.is_dir():
         return None
-    complete = [path.parent for path in checkpoint_dir.glob(f"*/{CHECKPOINT_MARKER}")]
-    if not complete:
+    markers = {path.parent: json.loads(path.read_text()) for path in checkpoint_dir.glob(f"*/{CHECKPOINT_MARKER}")}
+    if not markers:
         return None
-    newest = max(complete, key=lambda path: json.loads((path / CHECKPOINT_MARKER).read_text())["n_training_steps"])
-    written = json.loads((newest / CHECKPOINT_MARKER).read_text())["settings"]
+    newest = max(markers, key=lambda path: markers[path]["n_training_steps"])
+    written = markers[newest]["settings"]
     differences = settings_differences(without_fields(written, ignored), without_fields(settings, ignored))
     if differences:
         shown = "; ".join(differences[:5]) + ("; ..." if len(differences) > 5 else "")
