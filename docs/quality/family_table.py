@@ -15,7 +15,6 @@ OUTPUT_STEM.png (FVU and CE-loss score against mean L0, every line, error bars o
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from sae_lens_hierarchical.evaluation import BudgetMetrics
+from sae_lens_hierarchical.interpretability.spread import format_mean_spread
+from sae_lens_hierarchical.interpretability.spread import spread as seed_spread
 from sae_lens_hierarchical.reporting import FAMILY_LABELS, mean_l0_label, mean_l0_lines
 
 METRICS = {"fvu": "FVU", "ce_loss_score": "CE-loss score"}
@@ -47,13 +48,13 @@ def load(results: Path) -> dict[int, dict[Line, dict[float, BudgetMetrics]]]:
 
 
 def spread(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "half_range": (max(values) - min(values)) / 2, "n": len(values)}
+    """The package's one seed rule (mean and half the range), as the JSON this writes records it."""
+    runs = seed_spread(values)
+    return {"mean": runs.mean, "half_range": runs.half_range, "n": runs.runs}
 
 
 def cell(stats: dict[str, float] | None, digits: int = 3) -> str:
-    if stats is None:
-        return ""
-    return f"{stats['mean']:.{digits}f}" + (f" ± {stats['half_range']:.{digits}f}" if stats["n"] > 1 else "")
+    return "" if stats is None else format_mean_spread(stats["mean"], stats["half_range"], stats["n"], digits)
 
 
 def order(lines: set[Line]) -> list[Line]:

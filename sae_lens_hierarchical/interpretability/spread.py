@@ -1,8 +1,8 @@
 """How every measure reports several runs (seeds, or the SAEs of one family): the mean and half the range.
 
-One rule for all of them (probing, absorption, coarse-to-fine, the quality tables): a single run is its value; several
-are ``mean ± half the range``, which for two or three seeds says more plainly than a standard deviation how far apart
-they landed.
+One rule for all of them (probing, absorption, coarse-to-fine, the family table of ``docs/quality``): a single run is
+its value; several are ``mean ± half the range``, which for two or three seeds says more plainly than a standard
+deviation how far apart they landed.
 """
 
 from __future__ import annotations
